@@ -1,0 +1,155 @@
+"""Validated configuration: what the pool runs on, and how one sampling run is split."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import ConfigError
+
+
+class Mode(str, Enum):
+    """How bands see each other (see docs/PCPP.md section 4)."""
+
+    PCPP = "pcpp"  # neighbour window of `fraction` band heights, stale after warm-up
+    DISTRIFUSION = "distrifusion"  # whole-image window, stale after warm-up
+    NAIVE = "naive"  # no exchange at all: each band denoised alone
+    SYNC = "sync"  # fresh, whole-image exchange every step: equals one device
+
+    @classmethod
+    def parse(cls, value: "Mode | str") -> "Mode":
+        if isinstance(value, Mode):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ConfigError(f"mode={value!r} is not a mode; valid: {valid}") from None
+
+
+MAX_FRACTION = 64.0  # anything this large already covers every image: a window of 64 bands
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """How one sampling run is split; may change between runs without restarting the pool."""
+
+    mode: Mode = Mode.PCPP
+    fraction: float = 0.3  # neighbour rows, in band heights, each side of a band (pcpp only)
+    warmup_steps: int = 4  # leading calls per slot that run synchronously with the whole image
+    cfg_split: bool = False  # run cond and uncond halves of a batch on two device groups
+    fresh_activations: bool = False  # verification: exchange synchronously every call, keep the window
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode.parse(self.mode))
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)):
+            raise ConfigError(f"fraction={f!r} must be a number between 0 and {MAX_FRACTION}")
+        if math.isnan(f) or f < 0 or f > MAX_FRACTION:
+            raise ConfigError(
+                f"fraction={f!r} is out of range: use 0 (own band only) to {MAX_FRACTION:g} "
+                "(1 = whole neighbouring bands; >= the band count covers the image)"
+            )
+        object.__setattr__(self, "fraction", float(f))
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")
+
+    @property
+    def window_fraction(self) -> float | None:
+        """The attention window in band heights after warm-up: None = whole image, 0 = own band."""
+        return {Mode.PCPP: self.fraction, Mode.NAIVE: 0.0}.get(self.mode)
+
+    def is_synchronous(self, call_index: int) -> bool:
+        """Whether the `call_index`-th call of a slot waits for fresh data from the other bands."""
+        if self.mode is Mode.NAIVE:
+            return False
+        return self.mode is Mode.SYNC or self.fresh_activations or call_index < self.warmup_steps
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+
+def parse_devices(spec: "str | list[str] | tuple[str, ...]", *, cuda_count: int | None = None) -> tuple[str, ...]:
+    """Parse a device list: ``auto``, ``cpu:N`` (N CPU workers), or ``cuda:0,cuda:1``.
+
+    ``auto`` means every visible CUDA GPU; ``cuda`` alone means all of them too.
+    """
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(s) for s in spec)
+    text = str(spec).strip().lower().replace(" ", "")
+    if cuda_count is None:
+        import torch
+
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if text in ("auto", "cuda"):
+        if cuda_count < 1:
+            raise ConfigError(f"devices={spec!r}: no CUDA GPU is visible; use cpu:N for N CPU workers")
+        return tuple(f"cuda:{i}" for i in range(cuda_count))
+    m = _DEVICE_RE.match(text)
+    if m and m.group(1) == "cpu":
+        n = int(m.group(2) or 1)
+        if n < 1:
+            raise ConfigError(f"devices={spec!r}: cpu:N needs N >= 1")
+        return tuple("cpu" for _ in range(n))
+    out: list[str] = []
+    for part in filter(None, text.split(",")):
+        m = _DEVICE_RE.match(part)
+        if not m or m.group(1) != "cuda" or m.group(2) is None:
+            raise ConfigError(
+                f"devices={spec!r}: cannot parse {part!r}; use auto, cpu:N, or a list like cuda:0,cuda:1"
+            )
+        idx = int(m.group(2))
+        if idx >= cuda_count:
+            raise ConfigError(f"devices={spec!r}: {part} does not exist ({cuda_count} CUDA device(s) visible)")
+        out.append(f"cuda:{idx}")
+    if not out:
+        raise ConfigError(f"devices={spec!r} names no device; use auto, cpu:N, or cuda:0,cuda:1")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"devices={spec!r} names a device twice")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Where the workers run. A change of devices means a new pool."""
+
+    devices: tuple[str, ...] = ("cpu", "cpu")
+    call_timeout_s: float = 300.0  # a call that takes longer is a hung worker
+    start_timeout_s: float = 120.0
+    threads_per_worker: int | None = None  # CPU workers: torch threads each (default: cores / workers)
+    env: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # extra environment for workers
+
+    def __post_init__(self) -> None:
+        devs = self.devices
+        if isinstance(devs, str):
+            devs = parse_devices(devs)
+        devs = tuple(devs)
+        if not devs:
+            raise ConfigError("devices is empty; give at least one device")
+        kinds = {d.split(":")[0] for d in devs}
+        if len(kinds) != 1:
+            raise ConfigError(f"devices={','.join(devs)} mixes CPU and CUDA; use one kind")
+        object.__setattr__(self, "devices", devs)
+        for name in ("call_timeout_s", "start_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
+                raise ConfigError(f"{name}={v!r} must be a positive number of seconds")
+        t = self.threads_per_worker
+        if t is not None and (not isinstance(t, int) or t < 1):
+            raise ConfigError(f"threads_per_worker={t!r} must be a positive integer or None")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.devices[0].startswith("cuda") else "gloo"
+
+    def worker_threads(self) -> int:
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        return max(1, (os.cpu_count() or 1) // self.world_size)

@@ -1,0 +1,219 @@
+"""The host-side engine: a warm worker pool, the model sent once per version, one call per step.
+
+    engine = Engine(PoolConfig(devices=("cpu", "cpu")))
+    engine.new_run(PatchConfig(mode="pcpp", fraction=0.3))
+    out = engine(model, x, t, encoder_hidden_states=ctx)   # like model(x, t, ...), on bands
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+import torch
+from torch import nn
+
+from .config import PatchConfig, PoolConfig
+from .errors import ConfigError
+from .geometry import Bands
+from .plans import find_plan
+from .pool import WorkerPool
+from .runner import CallRequest, CallStats, map_tensors
+
+log = logging.getLogger("pcpp.engine")
+
+
+def model_version(model: nn.Module) -> str:
+    """Changes whenever a parameter or buffer is replaced or modified in place (LoRA patching
+    does one or the other), or the model object itself changes."""
+    h = hashlib.sha1(f"{id(model)}:{type(model).__qualname__}".encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}:{t.data_ptr()}:{t._version}:{tuple(t.shape)}:{t.dtype}:{t.device};".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class StepRecord:
+    seconds: float  # wall time of the whole call on the host
+    bytes_sent: dict[int, int]  # rank -> bytes sent in this call
+    synchronous: bool
+    compute_seconds: dict[int, float]
+
+
+@dataclass
+class RunStats:
+    """What one sampling run cost; the nodes show it, the benchmarks print it."""
+
+    mode: str = ""
+    fraction: float = 0.0
+    bands: int = 0
+    devices: tuple[str, ...] = ()
+    calls: list[StepRecord] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        calls = self.calls
+        steady = [c for c in calls if not c.synchronous] or calls
+        return {
+            "mode": self.mode,
+            "fraction": self.fraction,
+            "bands": self.bands,
+            "devices": list(self.devices),
+            "calls": len(calls),
+            "seconds_per_call": sum(c.seconds for c in calls) / len(calls) if calls else 0.0,
+            "bytes_per_call": max((max(c.bytes_sent.values(), default=0) for c in steady), default=0),
+            "bytes_per_call_warmup": max((max(c.bytes_sent.values(), default=0) for c in calls if c.synchronous),
+                                         default=0),
+        }
+
+
+class Engine:
+    """Runs a model's forward pass on horizontal bands across a pool of worker processes."""
+
+    def __init__(self, pool_config: PoolConfig):
+        self.pool_config = pool_config
+        self.pool = WorkerPool(pool_config)
+        self.patch = PatchConfig()
+        self.stats = RunStats()
+        self._version: str | None = None
+        self._levels = 0
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.pool.alive:
+            self.pool.shutdown()  # a broken pool: clear what is left
+            self._version = None
+            self.pool.start()
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+        self._version = None
+
+    def new_run(self, patch: PatchConfig) -> None:
+        """Start a sampling run: stale buffers and warm-up counters begin again."""
+        self.patch = patch
+        self.stats = RunStats(patch.mode.value, patch.fraction, 0, self.pool_config.devices)
+        if self.pool.alive and self._version is not None:
+            self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
+
+    # -- model ----------------------------------------------------------------------------
+    def load(self, model: nn.Module) -> None:
+        """Send `model` to the workers unless this version is already there."""
+        self.start()
+        version = model_version(model)
+        if version == self._version:
+            return
+        plan = find_plan(model)  # refuse unsupported models before any work
+        path = os.path.join(self.pool.workdir, f"model-{version[:12]}.pt")
+        t0 = time.perf_counter()
+        torch.save(model, path)
+        try:
+            replies = self.pool.request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
+                                        timeout=max(self.pool_config.call_timeout_s, 600))
+        finally:
+            os.unlink(path)  # the workers keep their mappings; the name is no longer needed
+        self._levels = replies[0]["levels"]
+        self._version = version
+        log.info("model %s (%s, %d downsamplings) sent to %d workers in %.2f s",
+                 version[:12], plan.family, self._levels, self.pool.size, time.perf_counter() - t0)
+
+    def levels(self, model: nn.Module) -> int:
+        return find_plan(model).levels(model)
+
+    def check_shape(self, model: nn.Module, height: int, width: int, batch_chunks: int = 1) -> Bands:
+        """Bands for a latent of this size, or ConfigError naming the smallest valid size."""
+        return Bands.split(height, width, self._group_size(batch_chunks), self.levels(model))
+
+    def _groups(self, batch: int, batch_chunks: int) -> list[tuple[int, ...]]:
+        ranks = tuple(range(self.pool.size))
+        if self.patch.cfg_split and batch_chunks == 2 and batch % 2 == 0 and len(ranks) % 2 == 0 and len(ranks) >= 2:
+            half = len(ranks) // 2
+            return [ranks[:half], ranks[half:]]
+        return [ranks]
+
+    def _group_size(self, batch_chunks: int) -> int:
+        n = self.pool_config.world_size
+        return n // 2 if self.patch.cfg_split and batch_chunks == 2 and n % 2 == 0 else n
+
+    # -- one evaluation -------------------------------------------------------------------
+    def __call__(self, model: nn.Module, x: torch.Tensor, *args: Any, slot: Hashable = None,
+                 batch_chunks: int = 1, **kwargs: Any) -> torch.Tensor:
+        """`model(x, *args, **kwargs)` computed on bands; returns the full output on x's device.
+
+        `slot` names the call slot (e.g. the cond/uncond composition, and which evaluation of
+        the step): stale buffers never cross slots. `batch_chunks=2` says the batch is two
+        equal halves (cond, uncond) that cfg_split may put on two device groups.
+        """
+        if x.dim() != 4:
+            raise ConfigError(f"x must be a latent [B, C, H, W]; got shape {tuple(x.shape)}")
+        with self._lock:
+            self.load(model)
+            groups = self._groups(x.shape[0], batch_chunks)
+            Bands.split(x.shape[2], x.shape[3], len(groups[0]), self._levels)  # refuse before sending
+            per = x.shape[0] // len(groups)
+            cpu_args = map_tensors((x, *args), lambda t: t.detach().cpu())
+            cpu_kwargs = map_tensors(kwargs, lambda t: t.detach().cpu())
+            messages = {}
+            for g, group in enumerate(groups):
+                a, kw = (cpu_args, cpu_kwargs) if len(groups) == 1 else _batch_slice(
+                    (cpu_args, cpu_kwargs), x.shape[0], g * per, (g + 1) * per)
+                req = CallRequest(a, kw, slot, self.patch, group)
+                messages.update({r: ("call", req) for r in group})
+            t0 = time.perf_counter()
+            replies = self.pool.request(messages)
+            seconds = time.perf_counter() - t0
+            out = self._assemble(replies, groups, x, per)
+            stats: list[CallStats] = [s for _, s in replies.values()]
+            self.stats.bands = len(groups[0])
+            self.stats.calls.append(StepRecord(seconds, {s.rank: s.bytes_sent for s in stats},
+                                               stats[0].synchronous, {s.rank: s.seconds for s in stats}))
+            return out
+
+    def _assemble(self, replies: dict[int, Any], groups: list[tuple[int, ...]], x: torch.Tensor,
+                  per: int) -> torch.Tensor:
+        first = replies[groups[0][0]][0]
+        out = torch.empty((x.shape[0], first.shape[1], x.shape[2], first.shape[3]), dtype=first.dtype)
+        for g, group in enumerate(groups):
+            row = 0
+            for r in group:
+                band = replies[r][0]  # [B/groups, C, h, W]
+                out[g * per:(g + 1) * per, :, row:row + band.shape[2]] = band
+                row += band.shape[2]
+        return out.to(x.device)
+
+
+def _batch_slice(tree: Any, batch: int, lo: int, hi: int) -> Any:
+    """Every tensor whose first dimension is the batch, cut to [lo, hi)."""
+    return map_tensors(tree, lambda t: t[lo:hi] if t.dim() > 0 and t.shape[0] == batch else t)
+
+
+_SHARED: dict[str, Engine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(pool_config: PoolConfig) -> Engine:
+    """The process-wide engine for these devices, kept warm across runs.
+
+    Asking for other devices (or other pool settings) shuts the previous pool down first, so
+    a long-lived host never holds two pools.
+    """
+    key = repr(pool_config)
+    with _SHARED_LOCK:
+        engine = _SHARED.get(key)
+        if engine is None:
+            for old in _SHARED.values():
+                old.shutdown()
+            _SHARED.clear()
+            engine = _SHARED[key] = Engine(pool_config)
+        return engine
+
+
+def shutdown_shared() -> None:
+    with _SHARED_LOCK:
+        for engine in _SHARED.values():
+            engine.shutdown()
+        _SHARED.clear()

@@ -1,0 +1,173 @@
+"""Band geometry and the exact byte count of one call: pure arithmetic, no torch.
+
+Everything that decides which rows a band owns, which rows its attention window sees and which
+rows travel between bands lives here, so the exchange, the analytic byte count, the benchmarks
+and the web diagram (web/pcpp_geometry.js, checked against this file) agree by construction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+from .errors import ConfigError
+
+_EPS = 1e-9  # f*h computed in binary floating point: 0.3*10 must round up to 3, not 4
+
+
+def window_rows(fraction: float, band_height: int) -> int:
+    """ceil(fraction * band_height) neighbour rows, robust to float noise."""
+    return max(0, math.ceil(fraction * band_height - _EPS))
+
+
+def split_rows(height: int, bands: int, levels: int) -> tuple[int, ...]:
+    """Band boundaries (bands+1 values) on multiples of 2**levels; later bands take the remainder.
+
+    3 bands on 128 rows with 3 downsamplings: (0, 40, 80, 128).
+    """
+    unit = 1 << levels
+    if bands < 1:
+        raise ConfigError(f"bands={bands} must be >= 1")
+    if height % unit:
+        raise ConfigError(
+            f"latent height {height} rows is not a multiple of {unit} (the model downsamples {levels} times); "
+            f"use a height of a multiple of {unit} rows ({unit * 8} pixels for an 8x VAE)"
+        )
+    units = height // unit
+    if units < bands:
+        raise ConfigError(
+            f"latent height {height} rows is too small for {bands} devices: each band needs at least "
+            f"{unit} rows; the smallest valid latent height is {bands * unit} rows ({bands * unit * 8} pixels "
+            f"for an 8x VAE), or use fewer devices"
+        )
+    base, extra = divmod(units, bands)
+    sizes = [base + (1 if i >= bands - extra else 0) for i in range(bands)]
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s * unit)
+    return tuple(bounds)
+
+
+@dataclass(frozen=True)
+class Bands:
+    """Horizontal bands of a latent [.., height, width], valid at every level down to `levels`."""
+
+    height: int
+    width: int
+    levels: int
+    bounds: tuple[int, ...]
+
+    @classmethod
+    def split(cls, height: int, width: int, count: int, levels: int) -> "Bands":
+        return cls(height, width, levels, split_rows(height, count, levels))
+
+    @property
+    def count(self) -> int:
+        return len(self.bounds) - 1
+
+    def level_size(self, level: int) -> tuple[int, int]:
+        """(rows, cols) of the whole image at `level`; a stride-2 conv rounds odd widths up."""
+        w = self.width
+        for _ in range(level):
+            w = (w + 1) // 2
+        return self.height >> level, w
+
+    def rows(self, band: int, level: int = 0) -> tuple[int, int]:
+        return self.bounds[band] >> level, self.bounds[band + 1] >> level
+
+    def window(self, band: int, level: int, fraction: float | None) -> tuple[int, int]:
+        """Rows of the image band `band`'s self-attention sees at `level` (None = whole image)."""
+        start, stop = self.rows(band, level)
+        height = self.level_size(level)[0]
+        if fraction is None:
+            return 0, height
+        k = window_rows(fraction, stop - start)
+        return max(0, start - k), min(height, stop + k)
+
+    def needed(self, dst: int, src: int, level: int, fraction: float | None) -> tuple[int, int]:
+        """Rows of band `src` (image rows) that band `dst`'s window needs; empty when start == stop."""
+        if dst == src:
+            return 0, 0
+        w0, w1 = self.window(dst, level, fraction)
+        s0, s1 = self.rows(src, level)
+        lo, hi = max(w0, s0), min(w1, s1)
+        return (lo, hi) if lo < hi else (0, 0)
+
+    def level_of_tokens(self, band: int, tokens: int) -> int:
+        """The level whose band shape holds `tokens` tokens (attention sees [B, tokens, C])."""
+        for level in range(self.levels + 1):
+            r0, r1 = self.rows(band, level)
+            if (r1 - r0) * self.level_size(level)[1] == tokens:
+                return level
+        raise ConfigError(
+            f"an attention layer saw {tokens} tokens, which matches no level of band {band} "
+            f"({self.bounds[band + 1] - self.bounds[band]}x{self.width} at level 0); "
+            "the model reshapes tokens in a way the engine does not know"
+        )
+
+
+def conv_halo(kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """Rows (above, below) a band needs from its neighbours for a conv on rows that start
+    on a multiple of the stride: `padding` above, `kernel - padding - stride` below."""
+    return padding, max(0, kernel - padding - stride)
+
+
+# ---- analytic communication count (docs/PCPP.md section 7) ---------------------------------
+
+LayerKind = Literal["conv", "groupnorm", "attention"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one exchanging layer sends, independent of the data.
+
+    conv: `channels` = input channels; groupnorm: `channels` = groups; attention: `channels` =
+    the K (= V) width. `level` is the resolution level the layer runs at.
+    """
+
+    kind: LayerKind
+    level: int
+    channels: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+
+
+STAT_BYTES = 4  # GroupNorm statistics always travel as float32 (mean, variance per group)
+
+
+def bytes_sent(
+    specs: Iterable[LayerSpec],
+    bands: Bands,
+    band: int,
+    *,
+    batch: int,
+    element_size: int,
+    fraction: float | None,
+    exchange: bool = True,
+) -> int:
+    """Bytes band `band` sends in one call (one model evaluation).
+
+    `fraction` is the attention window (None = whole image, as in every synchronous call);
+    `exchange=False` is naive mode: nothing is sent.
+    """
+    if not exchange or bands.count == 1:
+        return 0
+    total = 0
+    others = [j for j in range(bands.count) if j != band]
+    for spec in specs:
+        _, cols = bands.level_size(spec.level)
+        if spec.kind == "conv":
+            above, below = conv_halo(spec.kernel, spec.stride, spec.padding)
+            # my bottom rows are the halo above the next band; my top rows the halo below the previous
+            rows = (above if band + 1 < bands.count else 0) + (below if band > 0 else 0)
+            total += rows * batch * spec.channels * cols * element_size
+        elif spec.kind == "groupnorm":
+            total += len(others) * 2 * batch * spec.channels * STAT_BYTES
+        else:
+            rows = 0
+            for dst in others:
+                lo, hi = bands.needed(dst, band, spec.level, fraction)
+                rows += hi - lo
+            total += 2 * rows * batch * spec.channels * cols * element_size
+    return total

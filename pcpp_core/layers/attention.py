@@ -1,0 +1,63 @@
+"""Self-attention over a band's window: own rows fresh, neighbour rows stale (or fresh when
+synchronous). Each band sends a neighbour only the rows that neighbour's window needs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedModelError
+from .base import BandLayer
+
+
+class WindowAttention(BandLayer):
+    """Wraps an attention module with `to_q/to_k/to_v/to_out` and `heads` (ComfyUI's
+    CrossAttention, diffusers' Attention) used as self-attention."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # x: [B, N, C]
+        if not self.split_active():
+            return self.inner(x, *args, **kwargs)
+        context = args[0] if args else kwargs.get("context", kwargs.get("encoder_hidden_states"))
+        if context is not None and context is not x:
+            raise UnsupportedModelError(f"{self.layer_name}: self-attention called with a context")
+        call = self.call
+        m = self.inner
+        bands, band = call.bands, call.band
+        level = bands.level_of_tokens(band, x.shape[1])
+        r0, r1 = bands.rows(band, level)
+        cols = bands.level_size(level)[1]
+        q, k, v = m.to_q(x), m.to_k(x), m.to_v(x)  # [B, N, D] each
+        kv = torch.cat([k, v], dim=-1).view(x.shape[0], r1 - r0, cols, -1)  # [B, h, W, 2D]
+        window = call.window if call.exchange else 0.0
+        parts: dict[int, torch.Tensor] = {band: kv}
+        if call.exchange:
+            sends, recvs = {}, {}
+            for other in range(bands.count):
+                lo, hi = bands.needed(other, band, level, window)
+                if hi > lo:
+                    sends[other] = kv[:, lo - r0: hi - r0]
+                lo, hi = bands.needed(band, other, level, window)
+                if hi > lo:
+                    recvs[other] = ((kv.shape[0], hi - lo, cols, kv.shape[3]), (lo, hi))
+            got = self.swap(sends, recvs, kv)
+            for other, (_, (lo, hi)) in recvs.items():
+                piece = got[other]  # may hold more rows than needed (stale from a whole-image call)
+                p0 = piece.rows[0]
+                parts[other] = piece.tensor[:, lo - p0: hi - p0]
+        kv_win = torch.cat([parts[b] for b in sorted(parts)], dim=1).flatten(1, 2)  # [B, M, 2D]
+        k_win, v_win = kv_win.chunk(2, dim=-1)
+        out = _attend(q, k_win, v_win, m)
+        out = m.to_out[0](out)
+        return m.to_out[1](out) if len(m.to_out) > 1 else out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m) -> torch.Tensor:
+    """Multi-head scaled dot-product attention: q [B, N, D], k/v [B, M, D] -> [B, N, D]."""
+    heads = m.heads
+    b, n, d = q.shape
+    dtype = q.dtype
+    if getattr(m, "attn_precision", None) == torch.float32:  # ComfyUI's upcast (e.g. SD2.x)
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (t.reshape(b, -1, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    scale = getattr(m, "scale", None)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, heads, N, d/heads]
+    return out.transpose(1, 2).reshape(b, n, d).to(dtype)

@@ -1,0 +1,35 @@
+"""Common base of the band layers: wraps the original module, talks only to the Exchange."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..exchange import CallState, Exchange
+
+
+class BandLayer(nn.Module):
+    """Replaces `inner` in the model; runs it on this worker's band.
+
+    Outside a call (no CallState) or with a single band the wrapped module runs unchanged, so a
+    patched model still works as a plain model.
+    """
+
+    def __init__(self, inner: nn.Module, name: str, exchange: Exchange):
+        super().__init__()
+        self.inner = inner
+        self.layer_name = name
+        object.__setattr__(self, "exchange", exchange)  # shared state, not a submodule
+
+    @property
+    def call(self) -> CallState | None:
+        return self.exchange.call
+
+    def split_active(self) -> bool:
+        call = self.call
+        return call is not None and call.bands.count > 1
+
+    def swap(self, sends, recvs, like: torch.Tensor):
+        return self.exchange.swap(self.layer_name, sends, recvs, like.dtype, like.device)
+
+    def extra_repr(self) -> str:
+        return f"name={self.layer_name!r}"

@@ -1,0 +1,73 @@
+"""k x k convolutions on a band: border rows from the neighbours, or exact from the full input."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..geometry import conv_halo
+from .base import BandLayer
+
+
+def check_conv(conv: nn.Conv2d, name: str) -> None:
+    """Refuse convolutions whose borders the band rules do not cover."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise UnsupportedModelError(f"{name}: conv padding {conv.padding!r}/{conv.padding_mode} is not supported")
+    if conv.dilation != (1, 1) or conv.stride[0] not in (1, 2):
+        raise UnsupportedModelError(
+            f"{name}: conv with stride {conv.stride} and dilation {conv.dilation} is not supported"
+        )
+
+
+class _ConvBase(BandLayer):
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        c: nn.Conv2d = self.inner
+        w = c.weight.to(x.dtype)
+        b = None if c.bias is None else c.bias.to(x.dtype)
+        return F.conv2d(x, w, b, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+
+    def _halo(self) -> tuple[int, int]:
+        c: nn.Conv2d = self.inner
+        return conv_halo(c.kernel_size[0], c.stride[0], c.padding[0])
+
+
+class ExactFirstConv(_ConvBase):
+    """The first conv sees the full input latent, so its band output is exact with no exchange."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W] full image
+        call = self.call
+        if call is None:
+            return self.inner(x)
+        above, below = self._halo()
+        r0, r1 = call.bands.rows(call.band)
+        lo, hi = max(0, r0 - above), min(x.shape[2], r1 + below)
+        xb = F.pad(x[:, :, lo:hi], (0, 0, above - (r0 - lo), below - (hi - r1)))
+        return self._conv(xb)  # [B, C', h, W']
+
+
+class HaloConv(_ConvBase):
+    """Border rows above and below come from the neighbouring bands (zeros at the image edge)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, h, W] band
+        if not self.split_active():
+            return self.inner(x)
+        call = self.call
+        above, below = self._halo()
+        band, last = call.band, call.bands.count - 1
+        top = x.new_zeros(*x.shape[:2], above, x.shape[3])  # image edge: the conv's zero padding
+        bottom = x.new_zeros(*x.shape[:2], below, x.shape[3])
+        if call.exchange and (above or below):
+            sends, recvs = {}, {}
+            if band > 0 and below:
+                sends[band - 1] = x[:, :, :below]  # my top rows are the rows below the previous band
+            if band < last and above:
+                sends[band + 1] = x[:, :, x.shape[2] - above:]  # my bottom rows: above the next band
+            if band > 0 and above:
+                recvs[band - 1] = (tuple(top.shape), (0, 0))
+            if band < last and below:
+                recvs[band + 1] = (tuple(bottom.shape), (0, 0))
+            got = self.swap(sends, recvs, x)
+            top = got[band - 1].tensor if band - 1 in got else top
+            bottom = got[band + 1].tensor if band + 1 in got else bottom
+        return self._conv(torch.cat([top, x, bottom], dim=2))

@@ -1,0 +1,55 @@
+"""GroupNorm over the whole image from band statistics (DistriFusion's corrected async GroupNorm)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import BandLayer
+
+
+def band_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group (mean, variance) of a band in float32: [B, G, 2]."""
+    xg = x.reshape(x.shape[0], groups, -1).float()
+    var, mean = torch.var_mean(xg, dim=-1, unbiased=False)
+    return torch.stack([mean, var], dim=-1)
+
+
+def combine_stats(stats: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Whole-image (mean, variance) from per-band statistics weighted by band size.
+
+    Each band's stats may be fresh or stale. The mixture variance sum w (v + m^2) - mean^2 equals
+    "stale total + (fresh own - stale own)" of DistriFusion's correction, and cannot go negative
+    except by round-off (clamped in the caller).
+    """
+    total = float(sum(weights))
+    s = torch.stack(stats).double()  # [N, B, G, 2]
+    w = torch.tensor(weights, dtype=torch.float64, device=s.device).view(-1, 1, 1) / total
+    mean = (w * s[..., 0]).sum(0)
+    second = (w * (s[..., 1] + s[..., 0] ** 2)).sum(0)
+    return torch.stack([mean, second - mean**2], dim=-1).float()
+
+
+class BandGroupNorm(BandLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, h, W] band
+        if not self.split_active():
+            return self.inner(x)
+        call = self.call
+        gn: nn.GroupNorm = self.inner
+        own = band_stats(x, gn.num_groups)  # [B, G, 2]
+        stats = own
+        if call.exchange:
+            others = [b for b in range(call.bands.count) if b != call.band]
+            got = self.swap({b: own for b in others}, {b: (tuple(own.shape), (0, 0)) for b in others}, own)
+            per_band = [own if b == call.band else got[b].tensor for b in range(call.bands.count)]
+            sizes = [r1 - r0 for r0, r1 in (call.bands.rows(b) for b in range(call.bands.count))]
+            stats = combine_stats(per_band, sizes)
+            stats = torch.where(stats[..., 1:] < 0, own, stats)  # estimate gone negative: local stats
+        mean, var = stats[..., 0], stats[..., 1]  # [B, G]
+        shape = (x.shape[0], gn.num_groups, -1)
+        y = (x.reshape(shape).float() - mean[..., None]) * torch.rsqrt(var[..., None] + gn.eps)
+        y = y.reshape(x.shape).to(x.dtype)
+        if gn.affine:
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            y = y * gn.weight.to(x.dtype).view(view) + gn.bias.to(x.dtype).view(view)
+        return y

@@ -1,0 +1,211 @@
+"""Host side of the worker processes: start, talk, detect failure, stop. Knows nothing of models.
+
+Each worker is `python -m pcpp_core.worker` started through subprocess and connected back over
+a multiprocessing Listener on 127.0.0.1 with a per-pool random authkey (sent on the worker's
+stdin), so no one else on the machine can talk to a worker or feed it a pickle. The process
+group meets through a FileStore in a 0700 temporary directory: no rendezvous socket at all.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import pickle
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener, wait
+from pathlib import Path
+from typing import Any
+
+from .config import PoolConfig
+from .errors import WorkerError
+
+log = logging.getLogger("pcpp.pool")
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+def _shutdown_all() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.shutdown()
+
+
+atexit.register(_shutdown_all)
+
+
+def private_dir(prefix: str) -> str:
+    """A 0700 directory, in shared memory when the machine has it (tmpfs: files there are RAM)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+class WorkerPool:
+    """One worker process per device, started on demand, stopped by shutdown() or at exit."""
+
+    def __init__(self, config: PoolConfig):
+        self.config = config
+        self._procs: list[subprocess.Popen] = []
+        self._conns: list[Connection] = []
+        self._dir: str | None = None
+        self.workdir: str | None = None  # private directory the engine may put files in
+
+    @property
+    def size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.poll() is None for p in self._procs)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def start(self) -> None:
+        if self._procs:
+            return
+        cfg = self.config
+        self._dir = private_dir("pcpp-pool-")
+        self.workdir = self._dir
+        authkey = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        env = dict(os.environ)
+        env.update(dict(cfg.env))
+        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *[p for p in sys.path if p and os.path.isdir(p)]])
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets on loopback only
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        _LIVE_POOLS.add(self)
+        try:
+            for rank, device in enumerate(cfg.devices):
+                boot = {
+                    "rank": rank, "world": cfg.world_size, "device": device, "backend": cfg.backend,
+                    "address": listener.address, "authkey": authkey.hex(),
+                    "store": os.path.join(self._dir, "store"), "threads": cfg.worker_threads(),
+                    "timeout_s": cfg.call_timeout_s, "log_level": logging.getLogger("pcpp").getEffectiveLevel(),
+                }
+                proc = subprocess.Popen([sys.executable, "-m", "pcpp_core.worker"], stdin=subprocess.PIPE,
+                                        env=env, cwd=self._dir)
+                proc.stdin.write((json.dumps(boot) + "\n").encode())
+                proc.stdin.close()
+                self._procs.append(proc)
+            self._conns = self._accept(listener, cfg.start_timeout_s)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            listener.close()
+        log.info("pool started: %d %s worker(s) (%s), pids %s", self.size, cfg.backend, ",".join(cfg.devices), self.pids)
+
+    def _accept(self, listener: Listener, timeout: float) -> list[Connection]:
+        """Accept one authenticated connection per worker; the first message names its rank."""
+        listener._listener._socket.settimeout(timeout)  # accept() must not outlive a dead worker
+        conns: dict[int, Connection] = {}
+        deadline = time.monotonic() + timeout
+        while len(conns) < self.size:
+            self._check_exits(f"starting ({len(conns)}/{self.size} connected)")
+            if time.monotonic() > deadline:
+                raise WorkerError(f"workers did not connect within {timeout:.0f} s")
+            try:
+                conn = listener.accept()
+            except (OSError, AuthenticationError) as e:  # timeout, or a client without the key
+                log.warning("rejected a connection while starting the pool: %s", e)
+                continue
+            conns[len(conns)] = conn
+        # ranks come back in any order; each worker's first message carries its pid
+        by_pid = {p.pid: r for r, p in enumerate(self._procs)}
+        ordered: list[Connection | None] = [None] * self.size
+        for conn in conns.values():
+            if not conn.poll(timeout):
+                raise WorkerError("a worker connected but never said who it is")
+            status, *rest = pickle.loads(conn.recv_bytes())
+            pid = rest[0] if status == "ok" else None
+            if status != "ok":
+                raise WorkerError(rest[0], remote_traceback=rest[1])
+            ordered[by_pid[pid]] = conn
+        return ordered  # type: ignore[return-value]
+
+    def _check_exits(self, doing: str) -> None:
+        for rank, p in enumerate(self._procs):
+            code = p.poll()
+            if code is not None:
+                raise WorkerError(f"exited with code {code} while {doing}", rank=rank)
+
+    def request(self, messages: dict[int, tuple[str, Any]], timeout: float | None = None) -> dict[int, Any]:
+        """Send `messages[rank]` to each rank and wait for every answer.
+
+        A worker that exits, raises, or is silent past the timeout fails the whole request with
+        WorkerError; the pool is then shut down (the others may be stuck waiting for it).
+        """
+        if not self.alive:
+            raise WorkerError("the pool is not running")
+        try:
+            for rank, msg in messages.items():
+                self._conns[rank].send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            return self._gather(list(messages), timeout or self.config.call_timeout_s, messages[next(iter(messages))][0])
+        except BaseException:
+            self.kill()  # the others may be blocked on the failed one: no polite shutdown
+            raise
+
+    def _gather(self, ranks: list[int], timeout: float, doing: str) -> dict[int, Any]:
+        results: dict[int, Any] = {}
+        pending = {self._conns[r]: r for r in ranks}
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerError(f"no answer to '{doing}' within {timeout:g} s (call_timeout_s); "
+                                  "the worker is hung", rank=min(pending.values()))
+            for conn in wait(list(pending), timeout=min(left, 0.25)):
+                rank = pending.pop(conn)
+                try:
+                    status, *rest = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    code = self._procs[rank].wait(timeout=5)
+                    raise WorkerError(f"died during '{doing}' (exit code {code})", rank=rank) from None
+                if status != "ok":
+                    raise WorkerError(f"raised during '{doing}': {rest[0]}", rank=rank, remote_traceback=rest[1])
+                results[rank] = rest[0]
+            for conn, rank in pending.items():
+                code = self._procs[rank].poll()
+                if code is not None and not conn.poll():
+                    raise WorkerError(f"died during '{doing}' (exit code {code})", rank=rank)
+        return results
+
+    def kill(self) -> None:
+        """Stop every worker at once (after a failure: the others may be stuck in a collective)."""
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+        self.shutdown()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop every worker (politely, then by force) and remove the private directory."""
+        for conn in self._conns:
+            try:
+                conn.send_bytes(pickle.dumps(("shutdown", None)))
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for p in self._procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for conn in self._conns:
+            conn.close()
+        if self._procs:
+            log.info("pool stopped (pids %s)", self.pids)
+        self._procs, self._conns = [], []
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = self.workdir = None
+        _LIVE_POOLS.discard(self)
