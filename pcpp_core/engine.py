@@ -27,13 +27,27 @@ from .runner import CallRequest, CallStats, map_tensors
 log = logging.getLogger("pcpp.engine")
 
 
+WEIGHTS_TAG = "pcpp_weights_tag"  # optional attribute a host sets on the model: its own name for the weights' state
+
+
 def model_version(model: nn.Module) -> str:
     """Changes whenever a parameter or buffer is replaced or modified in place (LoRA patching
-    does one or the other), or the model object itself changes."""
-    h = hashlib.sha1(f"{id(model)}:{type(model).__qualname__}".encode())
+    does one or the other), the model object itself changes, or the host's weights tag changes.
+
+    The tag covers what pointers cannot see: a patched weight allocated where the previous
+    patch's weight was freed, or an in-place change of an inference tensor (no version counter).
+    """
+    h = hashlib.sha1(f"{id(model)}:{type(model).__qualname__}:{getattr(model, WEIGHTS_TAG, None)}".encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        h.update(f"{name}:{t.data_ptr()}:{t._version}:{tuple(t.shape)}:{t.dtype}:{t.device};".encode())
+        h.update(f"{name}:{t.data_ptr()}:{_tensor_version(t)}:{tuple(t.shape)}:{t.dtype}:{t.device};".encode())
     return h.hexdigest()
+
+
+def _tensor_version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (loaded under torch.inference_mode) keeps no version counter
+        return -1
 
 
 @dataclass
@@ -84,8 +98,12 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        if not self.pool.alive:
-            self.pool.shutdown()  # a broken pool: clear what is left
+        """Start the pool if it is not running (first use, or after a failure shut it down).
+
+        A worker that died since the last call is not restarted here: the next request
+        reports it as a WorkerError naming the rank, and the call after that starts afresh.
+        """
+        if not self.pool.started:
             self._version = None
             self.pool.start()
 
@@ -97,7 +115,7 @@ class Engine:
         """Start a sampling run: stale buffers and warm-up counters begin again."""
         self.patch = patch
         self.stats = RunStats(patch.mode.value, patch.fraction, 0, self.pool_config.devices)
-        if self.pool.alive and self._version is not None:
+        if self.pool.started and self._version is not None:
             self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
 
     # -- model ----------------------------------------------------------------------------

@@ -58,8 +58,9 @@ class _Inflight:
 Transport = Callable[[dict[int, torch.Tensor], dict[int, torch.Tensor], int], list[Any]]
 
 
-def torch_p2p(peers: list[int]) -> Transport:
-    """Point-to-point transport over the default process group; `peers[band]` is a global rank."""
+def torch_p2p(peers: tuple[int, ...]) -> Transport:
+    """Point-to-point transport over the default process group; `peers[band]` is the global rank
+    of a band of this call's group (with cfg_split, each group has its own ranks)."""
 
     def post(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int) -> list[Any]:
         ops = [dist.P2POp(dist.isend, t, peers[b], tag=tag) for b, t in sends.items()]

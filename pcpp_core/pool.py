@@ -62,6 +62,11 @@ class WorkerPool:
         return self.config.world_size
 
     @property
+    def started(self) -> bool:
+        """Started and not shut down; a worker may still have died since (requests report it)."""
+        return bool(self._procs)
+
+    @property
     def alive(self) -> bool:
         return bool(self._procs) and all(p.poll() is None for p in self._procs)
 
@@ -144,11 +149,15 @@ class WorkerPool:
         A worker that exits, raises, or is silent past the timeout fails the whole request with
         WorkerError; the pool is then shut down (the others may be stuck waiting for it).
         """
-        if not self.alive:
+        if not self._procs:
             raise WorkerError("the pool is not running")
         try:
+            self._check_exits("idle")
             for rank, msg in messages.items():
-                self._conns[rank].send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+                try:
+                    self._conns[rank].send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+                except OSError as e:
+                    raise WorkerError(f"cannot be reached ({e})", rank=rank) from e
             return self._gather(list(messages), timeout or self.config.call_timeout_s, messages[next(iter(messages))][0])
         except BaseException:
             self.kill()  # the others may be blocked on the failed one: no polite shutdown

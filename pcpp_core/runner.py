@@ -11,6 +11,8 @@ from torch import nn
 
 from .config import Mode, PatchConfig
 from .errors import ConfigError
+from typing import Callable
+
 from .exchange import CallState, Exchange, Transport
 from .geometry import Bands
 from .plans import apply_plan, find_plan
@@ -90,7 +92,8 @@ class BandRunner:
         self.exchange.reset()
         self._slots.clear()
 
-    def run(self, req: CallRequest, transport: Transport | None) -> tuple[torch.Tensor, CallStats]:
+    def run(self, req: CallRequest, transport: Callable[[tuple[int, ...]], Transport]) -> tuple[torch.Tensor, CallStats]:
+        """One evaluation on this worker's band; `transport(group)` talks to the group's ranks."""
         x = req.args[0]  # [B, C, H, W]
         band = req.group.index(self.rank)
         bands = Bands.split(x.shape[2], x.shape[3], len(req.group), self.levels)
@@ -109,7 +112,7 @@ class BandRunner:
         kwargs = {k: cut_spatial(v, bands, band) if k in self.plan.spatial_kwargs else v
                   for k, v in req.kwargs.items()}
         start = time.perf_counter()
-        self.exchange.begin(call, transport)
+        self.exchange.begin(call, transport(req.group))
         try:
             with torch.inference_mode():
                 out = self.plan.output(self.model(*req.args, **kwargs))

@@ -22,7 +22,7 @@ def load_tiny_unet(dtype: torch.dtype = torch.float32):
     config = json.loads((ASSET / "unet_config.json").read_text())
     unet = UNet2DConditionModel.from_config(config)
     unet.load_state_dict({k: v.to(dtype) for k, v in load_file(str(ASSET / "unet.fp16.safetensors")).items()})
-    unet = unet.to(dtype).eval().requires_grad_(False)
+    unet = torch.nn.Module.to(unet, dtype).eval().requires_grad_(False)  # diffusers' .to() warns here
     emb = load_file(str(ASSET / "embeddings.safetensors"))["embeddings"].to(dtype)
     sched = json.loads((ASSET / "scheduler_config.json").read_text())
     return unet, emb, cosine_alphas_cumprod(sched["num_train_timesteps"])

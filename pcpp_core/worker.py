@@ -9,6 +9,7 @@ the host goes away.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -45,7 +46,6 @@ class Worker:
         self.device = torch.device(boot["device"])
         self.runner: BandRunner | None = None
         self.version: str | None = None
-        self.transport = None
         self.hang_on_call = os.environ.get("PCPP_TEST_HANG_RANK") == str(self.rank)  # test hook
 
     def init_distributed(self, boot: dict[str, Any]) -> None:
@@ -56,7 +56,6 @@ class Worker:
         store = dist.FileStore(boot["store"], self.world)
         dist.init_process_group(boot["backend"], store=store, rank=self.rank, world_size=self.world,
                                 timeout=timedelta(seconds=boot["timeout_s"]))
-        self.transport = torch_p2p(list(range(self.world)))
 
     def op_load(self, payload: dict[str, Any]) -> dict[str, Any]:
         model = torch.load(payload["path"], mmap=True, weights_only=False, map_location=self.device)
@@ -78,7 +77,7 @@ class Worker:
         req.kwargs = map_tensors(req.kwargs, lambda t: t.to(self.device))
         if self.rank not in req.group:
             return None
-        out, stats = self.runner.run(req, self.transport)
+        out, stats = self.runner.run(req, torch_p2p)
         return out.cpu(), stats
 
     def op_ping(self, payload: Any) -> int:
@@ -109,6 +108,10 @@ def main() -> int:
     conn = Client(tuple(boot["address"]), authkey=bytes.fromhex(boot["authkey"]))
     worker = Worker(boot)
     try:
+        # a host adapter names modules that must run before any model is unpickled (e.g. a
+        # framework's device flags); the engine itself stays framework-free
+        for name in filter(None, os.environ.get("PCPP_WORKER_PRELOAD", "").split(",")):
+            importlib.import_module(name)
         worker.init_distributed(boot)
         conn.send_bytes(pickle.dumps(("ok", os.getpid())))
     except BaseException as e:

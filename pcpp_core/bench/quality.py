@@ -1,0 +1,127 @@
+"""`bench quality`: how far each mode's final sample is from the one-process sample.
+
+A whole sampling run matters, not one step: stale activations feed back through every later
+step. The bundled tiny model is trained (a memorisation model, pixel space), so its samples are
+real images whose errors can be looked at; one process and the engine run exactly the same
+Euler loop with classifier-free guidance batched as [cond; uncond], one call per step.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+
+import torch
+
+from ..config import PatchConfig, PoolConfig
+from ..engine import Engine
+from ..sampling import cfg_eps, euler_sample
+from .common import Row, base_row, emit, mode_label, parse_floats, parse_ints
+
+log = logging.getLogger("pcpp.bench.quality")
+
+PSNR_CAP_DB = 120.0  # identical samples would be infinite; JSON has no infinity
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="64,128", help="square image sizes (the tiny model works in pixel space)")
+    p.add_argument("--bands", default="2,4", help="worker (band) counts")
+    p.add_argument("--modes", default="sync,pcpp,distrifusion,naive")
+    p.add_argument("--fractions", default="0.1,0.3,0.5,1.0", help="pcpp fractions")
+    p.add_argument("--steps", type=int, default=20, help="Euler steps of the sampling run")
+    p.add_argument("--warmup", type=int, default=4, help="synchronous warm-up steps (engine default)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--ids", default="0,5,8", help="image ids sampled together as one batch (see the model README)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--images", metavar="DIR", help="save side-by-side PNGs of the final samples here")
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of images in [-1, 1] (peak-to-peak 2), clamped first as a decoder would."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).double().pow(2).mean().item()
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(4.0 / mse))
+
+
+def sample(model_fn, unet_cond: torch.Tensor, null: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor,
+           args: argparse.Namespace) -> torch.Tensor:
+    uncond = null.expand_as(unet_cond)
+    with torch.inference_mode():
+        return euler_sample(cfg_eps(model_fn, unet_cond, uncond, args.cfg), noise, alphas, args.steps)
+
+
+def _modes(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    out: list[tuple[str, float | None]] = []
+    for mode in filter(None, (m.strip() for m in args.modes.split(","))):
+        out += [(mode, f) for f in parse_floats(args.fractions)] if mode == "pcpp" else [(mode, None)]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tiny_model import NULL_ID, load_tiny_unet
+
+    unet, emb, alphas = load_tiny_unet()
+    ids = parse_ints(args.ids)
+    cond, null = emb[ids], emb[NULL_ID:NULL_ID + 1]  # [n, 4, 64], [1, 4, 64]
+    plain = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+    modes = _modes(args)
+    sizes, band_counts = parse_ints(args.sizes), parse_ints(args.bands)
+    noises = {s: torch.randn(len(ids), unet.config.in_channels, s, s, generator=torch.Generator().manual_seed(args.seed))
+              for s in sizes}
+    refs = {s: sample(plain, cond, null, noises[s], alphas, args) for s in sizes}
+    rows: list[Row] = []
+    for n in band_counts:
+        engine = Engine(PoolConfig(devices=("cpu",) * n, threads_per_worker=1))
+        try:
+            for s in sizes:
+                outs = {}
+                for mode, fraction in modes:
+                    t0 = time.perf_counter()
+                    engine.new_run(PatchConfig(mode=mode, fraction=fraction or 0.0, warmup_steps=args.warmup))
+                    fn = lambda x, t, c: engine(unet, x, t, encoder_hidden_states=c, slot="cfg", batch_chunks=2)  # noqa: E731
+                    out = outs[(mode, fraction)] = sample(fn, cond, null, noises[s], alphas, args)
+                    per_image = [psnr_db(out[i], refs[s][i]) for i in range(len(ids))]
+                    rows.append(base_row(
+                        "quality", mode, fraction, n, s, s, model="pcpp-tiny-unet", steps=args.steps,
+                        warmup=args.warmup, cfg=args.cfg, ids=ids, seed=args.seed,
+                        psnr_db=sum(per_image) / len(per_image), psnr_db_min=min(per_image),
+                        max_abs=(out - refs[s]).abs().max().item(), _label=mode_label(mode, fraction)))
+                    log.info("%d bands %dpx %s: %.1f dB in %.1f s", n, s, mode_label(mode, fraction),
+                             rows[-1]["psnr_db"], time.perf_counter() - t0)
+                if args.images:
+                    save_grid(os.path.join(args.images, f"quality_{s}px_{n}bands.png"), refs[s], outs, ids)
+        finally:
+            engine.shutdown()
+    emit(rows, [("pixels", "height"), ("bands", "bands"), ("mode", "label"), ("PSNR dB (mean)", "psnr_db"),
+                ("PSNR dB (worst)", "psnr_db_min"), ("max abs", "max_abs")],
+         as_json=args.json, save=args.save,
+         title="bench quality: final sample vs the one-process sample (same seed, same sampler)",
+         notes=[f"bundled tiny trained model (pixel space), {args.steps} Euler steps, CFG {args.cfg:g} batched "
+                f"[cond; uncond], {args.warmup} synchronous warm-up steps, images {ids} sampled as one batch, "
+                f"seed {args.seed}",
+                f"PSNR on [-1, 1] images (peak-to-peak 2), mean and worst over the images, capped at "
+                f"{PSNR_CAP_DB:g} dB; max abs = largest pixel difference (range 2)",
+                "sync must match one process up to float round-off; naive shows the seams"])
+    return 0
+
+
+def save_grid(path: str, ref: torch.Tensor, outs: dict[tuple[str, float | None], torch.Tensor],
+              ids: list[int]) -> None:
+    """One row per image: one process, then each mode, labelled; tiles at least 192 px."""
+    from PIL import Image, ImageDraw
+
+    columns = [("one process", ref)] + [(mode_label(*m), t) for m, t in outs.items()]
+    size = ref.shape[-1]
+    tile = size * max(1, math.ceil(192 / size))
+    label_h = 16
+    grid = Image.new("RGB", (tile * len(columns), label_h + tile * len(ids)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (name, images) in enumerate(columns):
+        draw.text((c * tile + 4, 2), name, fill="black")
+        for r in range(len(ids)):
+            arr = ((images[r].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            grid.paste(Image.fromarray(arr).resize((tile, tile), Image.NEAREST), (c * tile, label_h + r * tile))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    grid.save(path)
+    log.info("saved %s", path)

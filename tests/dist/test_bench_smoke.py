@@ -1,0 +1,60 @@
+"""SMOKE tests of the bench parts that start CPU workers, each at a tiny size.
+
+Not benchmarks: they prove the parts run end to end, print the documented JSON fields, and that
+the figures are sane (analytic bytes == bytes really sent, sync == one process, naive sends 0).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pcpp_core.bench import main
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.dist
+
+COMMON = {"bench", "mode", "fraction", "bands", "height", "width"}
+
+
+def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[dict]:
+    assert main(argv) == 0
+    return [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+
+
+def test_comm_cross_check_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = run_json(capsys, ["comm", "--json", "--cases", "sd15-mini:128", "--bands", "2", "--fractions", "0.3",
+                             "--check-size", "64", "--check-bands", "2"])
+    checks = [r for r in rows if r["bench"] == "comm-check"]
+    assert {r["mode"] for r in checks} == {"naive", "pcpp", "distrifusion", "sync"}
+    for r in checks:
+        assert COMMON <= r.keys()
+        assert r["match"] and r["per_rank_analytic"] == r["per_rank_measured"]
+    steady = {r["mode"]: r["bytes_measured"] for r in checks if r["call"] == "steady"}
+    assert steady["naive"] == 0 < steady["pcpp"] < steady["distrifusion"]
+
+
+def test_speed_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = run_json(capsys, ["speed", "--json", "--model", "sd15-mini", "--sizes", "128", "--steps", "1",
+                             "--warmup", "1", "--modes", "pcpp,naive"])
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == {"one-process", "pcpp", "naive", "engine-1-device"}
+    for r in rows:
+        assert COMMON | {"seconds_per_step", "speedup", "cpu_seconds_per_step"} <= r.keys()
+        assert r["seconds_per_step"] > 0 and r["speedup"] > 0
+    assert by["one-process"]["speedup"] == 1.0 and by["pcpp"]["bands"] == 2
+    assert by["naive"]["bytes_per_step"] == 0 < by["pcpp"]["bytes_per_step"]
+    assert by["engine-1-device"]["overhead_seconds"] == pytest.approx(
+        by["engine-1-device"]["seconds_per_step"] - by["engine-1-device"]["plain_seconds_per_step"])
+
+
+def test_quality_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = run_json(capsys, ["quality", "--json", "--sizes", "64", "--bands", "2", "--steps", "3", "--warmup", "1",
+                             "--modes", "sync,pcpp,naive", "--fractions", "0.3", "--ids", "0",
+                             "--images", str(tmp_path)])
+    by = {r["mode"]: r for r in rows}
+    for r in rows:
+        assert COMMON | {"psnr_db", "max_abs"} <= r.keys()
+    assert by["sync"]["max_abs"] < 1e-3 and by["sync"]["psnr_db"] > 60  # exact up to round-off
+    assert by["naive"]["max_abs"] > by["sync"]["max_abs"]
+    assert (tmp_path / "quality_64px_2bands.png").read_bytes()[:4] == b"\x89PNG"
