@@ -94,6 +94,7 @@ class Engine:
         self.stats = RunStats()
         self._version: str | None = None
         self._levels = 0
+        self.model_loads = 0  # how many times a model version was sent to the workers
         self._lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -136,6 +137,7 @@ class Engine:
             os.unlink(path)  # the workers keep their mappings; the name is no longer needed
         self._levels = replies[0]["levels"]
         self._version = version
+        self.model_loads += 1
         log.info("model %s (%s, %d downsamplings) sent to %d workers in %.2f s",
                  version[:12], plan.family, self._levels, self.pool.size, time.perf_counter() - t0)
 

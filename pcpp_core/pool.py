@@ -47,6 +47,12 @@ def private_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
+def control_listener(authkey: bytes) -> Listener:
+    """The host end of the control channels: loopback only, a free port, key required before
+    any message is read (multiprocessing's HMAC challenge in both directions)."""
+    return Listener(("127.0.0.1", 0), authkey=authkey)
+
+
 class WorkerPool:
     """One worker process per device, started on demand, stopped by shutdown() or at exit."""
 
@@ -81,7 +87,7 @@ class WorkerPool:
         self._dir = private_dir("pcpp-pool-")
         self.workdir = self._dir
         authkey = secrets.token_bytes(32)
-        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        listener = control_listener(authkey)
         env = dict(os.environ)
         env.update(dict(cfg.env))
         env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *[p for p in sys.path if p and os.path.isdir(p)]])

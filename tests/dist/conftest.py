@@ -10,9 +10,9 @@ from pcpp_testmodels import tiny_comfy_unet, tiny_diffusers_unet
 MODELS = {"comfy": tiny_comfy_unet, "diffusers": tiny_diffusers_unet}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engines():
-    """engines[n]: an Engine on n CPU workers, started on first use, shut down after the module."""
+    """engines[n]: an Engine on n CPU workers, started on first use, shut down at the end of the session."""
     made: dict[int, Engine] = {}
 
     class Lazy(dict):
@@ -25,7 +25,7 @@ def engines():
         e.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models():
     return {k: f() for k, f in MODELS.items()}
 
