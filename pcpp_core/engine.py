@@ -27,17 +27,16 @@ from .runner import CallRequest, CallStats, map_tensors
 log = logging.getLogger("pcpp.engine")
 
 
-WEIGHTS_TAG = "pcpp_weights_tag"  # optional attribute a host sets on the model: its own name for the weights' state
-
-
-def model_version(model: nn.Module) -> str:
+def model_version(model: nn.Module, key: Hashable = None) -> str:
     """Changes whenever a parameter or buffer is replaced or modified in place (LoRA patching
-    does one or the other), the model object itself changes, or the host's weights tag changes.
+    does one or the other), the model object changes, or the caller's `key` changes.
 
-    The tag covers what pointers cannot see: a patched weight allocated where the previous
+    The key covers what pointers cannot see: a patched weight allocated where the previous
     patch's weight was freed, or an in-place change of an inference tensor (no version counter).
+    A host that patches weights passes its own name for their state (the nodes: ComfyUI's
+    weight-patch uuid).
     """
-    h = hashlib.sha1(f"{id(model)}:{type(model).__qualname__}:{getattr(model, WEIGHTS_TAG, None)}".encode())
+    h = hashlib.sha1(f"{id(model)}:{type(model).__qualname__}:{key!r}".encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{t.data_ptr()}:{_tensor_version(t)}:{tuple(t.shape)}:{t.dtype}:{t.device};".encode())
     return h.hexdigest()
@@ -120,10 +119,10 @@ class Engine:
             self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
 
     # -- model ----------------------------------------------------------------------------
-    def load(self, model: nn.Module) -> None:
-        """Send `model` to the workers unless this version is already there."""
+    def load(self, model: nn.Module, model_key: Hashable = None) -> None:
+        """Send `model` to the workers unless this version is already there (see model_version)."""
         self.start()
-        version = model_version(model)
+        version = model_version(model, model_key)
         if version == self._version:
             return
         plan = find_plan(model)  # refuse unsupported models before any work
@@ -161,17 +160,18 @@ class Engine:
 
     # -- one evaluation -------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, *args: Any, slot: Hashable = None,
-                 batch_chunks: int = 1, **kwargs: Any) -> torch.Tensor:
+                 batch_chunks: int = 1, model_key: Hashable = None, **kwargs: Any) -> torch.Tensor:
         """`model(x, *args, **kwargs)` computed on bands; returns the full output on x's device.
 
         `slot` names the call slot (e.g. the cond/uncond composition, and which evaluation of
         the step): stale buffers never cross slots. `batch_chunks=2` says the batch is two
-        equal halves (cond, uncond) that cfg_split may put on two device groups.
+        equal halves (cond, uncond) that cfg_split may put on two device groups. `model_key`
+        joins the model's fingerprint (model_version).
         """
         if x.dim() != 4:
             raise ConfigError(f"x must be a latent [B, C, H, W]; got shape {tuple(x.shape)}")
         with self._lock:
-            self.load(model)
+            self.load(model, model_key)
             groups = self._groups(x.shape[0], batch_chunks)
             Bands.split(x.shape[2], x.shape[3], len(groups[0]), self._levels)  # refuse before sending
             per = x.shape[0] // len(groups)

@@ -56,6 +56,9 @@ class Worker:
         store = dist.FileStore(boot["store"], self.world)
         dist.init_process_group(boot["backend"], store=store, rank=self.rank, world_size=self.world,
                                 timeout=timedelta(seconds=boot["timeout_s"]))
+        # every rank joins once here, so the first point-to-point batch (which NCCL requires all
+        # ranks to enter) is never a partial one, e.g. two cfg_split groups
+        dist.barrier(device_ids=[self.device.index or 0] if self.device.type == "cuda" else None)
 
     def op_load(self, payload: dict[str, Any]) -> dict[str, Any]:
         model = torch.load(payload["path"], mmap=True, weights_only=False, map_location=self.device)

@@ -1,0 +1,273 @@
+"""The sampling hook: PCPP on a cloned ModelPatcher through ComfyUI's wrapper system.
+
+Two wrappers, one key ("pcpp"):
+
+    OUTER_SAMPLE     once per sampling run: decide parallel or plain (and say why), reset the
+                     engine's stale buffers, count steps by wrapping the sampler's callback
+    DIFFUSION_MODEL  once per model call: the engine computes `diffusion_model(x, t, ...)` on
+                     bands in worker processes, or the call runs on the host when it cannot
+
+ComfyUI's own sampler loop, progress bar, previews and Cancel stay in charge; the workers only
+ever see the diffusion model (with the user's weight patches applied) and plain tensors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import torch
+
+import comfy.cli_args
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+from pcpp_core import ConfigError, Engine, Mode, PatchConfig, PoolConfig, find_plan, parse_devices, shared_engine
+
+from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
+
+log = logging.getLogger("pcpp.nodes")
+
+MODES = (*(m.value for m in Mode), "off")  # off: plain ComfyUI sampling, a node-level choice
+MAX_FRACTION = 2.0  # the widget's range; 1 = whole neighbouring bands
+_WRAPPERS = comfy.patcher_extension.WrappersMP
+
+
+@dataclass(frozen=True)
+class PCPPSettings:
+    """The engine inputs both nodes share, validated; messages name the node input to change."""
+
+    devices: str = "auto"
+    neighbour_fraction: float = 0.3
+    mode: str = "pcpp"
+    warmup_steps: int = 4
+    cfg_split: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not a mode; valid: {', '.join(MODES)}")
+        f = self.neighbour_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= MAX_FRACTION:
+            raise ConfigError(f"neighbour_fraction={f!r} is out of range: use 0 (own band only) to "
+                              f"{MAX_FRACTION:g} (1 = whole neighbouring bands)")
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")
+        resolve_devices(self.devices)  # raises for a list that names no usable device
+
+    @property
+    def off(self) -> bool:
+        return self.mode == "off"
+
+    def patch_config(self) -> PatchConfig:
+        return PatchConfig(mode=self.mode, fraction=float(self.neighbour_fraction),
+                           warmup_steps=self.warmup_steps, cfg_split=self.cfg_split)
+
+
+def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
+    """(devices, None) to run in parallel, or (devices, why plain sampling must run instead).
+
+    `auto` with fewer than two GPUs is not an error: it means "whatever is there", and one
+    device runs plain ComfyUI sampling. A list that cannot be parsed or names a missing GPU
+    is an error (ConfigError naming `devices`).
+    """
+    if str(spec).strip().lower() == "auto":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        found = tuple(f"cuda:{i}" for i in range(n))
+        if n < 2:
+            return found, f"devices='auto' found {n} CUDA GPU(s); parallel sampling needs at least 2"
+        return found, None
+    devices = parse_devices(spec)
+    if len(devices) < 2:
+        return devices, f"devices={spec!r} is one device only; parallel sampling needs at least 2"
+    return devices, None
+
+
+def pool_config(devices: tuple[str, ...]) -> PoolConfig:
+    """Workers that import ComfyUI with the host's flags (see worker_boot)."""
+    flags = {k: v for k, v in vars(comfy.cli_args.args).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    flags["cpu"] = devices[0] == "cpu"  # a CPU worker must never ask CUDA for a device
+    env = (("PCPP_WORKER_PRELOAD", "nodes.worker_boot"), (ARGS_ENV, json.dumps(flags, sort_keys=True)))
+    return PoolConfig(devices=devices, env=env)
+
+
+class PCPPHook:
+    """The node's settings as they travel in transformer_options; the last run's stats come back here."""
+
+    def __init__(self, settings: PCPPSettings):
+        self.settings = settings
+        self.last_stats: dict[str, Any] | None = None
+
+
+@dataclass
+class RunState:
+    """One sampling run: the engine (None while plain), why it is plain, and the step count."""
+
+    settings: PCPPSettings
+    devices: tuple[str, ...]
+    shape: tuple[int, ...]
+    patcher: Any = None  # the sampling ModelPatcher: which weight patches are applied now
+    engine: Engine | None = None
+    fallback: str | None = None
+    plain_calls: int = 0
+    plain_seconds: float = 0.0
+    _evals: dict[Hashable, int] = field(default_factory=dict)
+
+    def fall_back(self, reason: str) -> None:
+        """From now on this run samples plainly; said once in the log and in the node's stats."""
+        if self.fallback is None:
+            done = len(self.engine.stats.calls) if self.engine is not None else 0
+            self.fallback = f"{reason} (after {done} parallel model calls)" if done else reason
+            reason = self.fallback
+            log.warning("PCPP: running plain ComfyUI sampling instead of mode=%s: %s", self.settings.mode, reason)
+        self.engine = None
+
+    def wrap_callback(self, callback: Callable | None) -> Callable:
+        """ComfyUI samplers call the callback once per step: a step boundary for the call slots."""
+        def step_done(*args: Any, **kwargs: Any) -> Any:
+            self._evals.clear()
+            return callback(*args, **kwargs) if callback is not None else None
+        return step_done
+
+    def next_slot(self, composition: tuple) -> tuple:
+        """(cond/uncond composition, evaluation index since the last step boundary).
+
+        Heun-like samplers call the model twice per step: each evaluation keeps its own stale
+        buffers. The pairing is fixed for a given sampler, so buffers always meet their own kind.
+        """
+        index = self._evals.get(composition, 0)
+        self._evals[composition] = index + 1
+        return composition, index
+
+    def weights_tag(self) -> str:
+        """ComfyUI's own name for the weights' state: the engine re-sends the model when it changes.
+
+        Pointers alone miss a new LoRA strength whose weights land where the last ones were freed.
+        """
+        base = getattr(self.patcher, "model", None)
+        hooks = getattr(self.patcher, "current_hooks", None)
+        return f"{getattr(base, 'current_weight_patches_uuid', None)}:{id(hooks) if hooks is not None else None}"
+
+    def plain(self, run_model: Callable[[], torch.Tensor]) -> torch.Tensor:
+        start = time.perf_counter()
+        out = run_model()
+        self.plain_seconds += time.perf_counter() - start
+        self.plain_calls += 1
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The stats the node shows: the engine's, or the plain calls' when it fell back."""
+        if self.fallback is None and self.engine is not None:
+            stats = self.engine.stats.summary()
+        else:
+            calls = self.plain_calls
+            stats = {"mode": self.settings.mode, "fraction": float(self.settings.neighbour_fraction), "bands": 1,
+                     "devices": list(self.devices), "calls": calls,
+                     "seconds_per_call": self.plain_seconds / calls if calls else 0.0,
+                     "bytes_per_call": 0, "bytes_per_call_warmup": 0}
+        stats["height"], stats["width"] = (self.shape[2], self.shape[3]) if len(self.shape) == 4 else (0, 0)
+        stats["fallback"] = self.fallback
+        return stats
+
+
+def start_run(settings: PCPPSettings, diffusion_model: Any, shape: tuple[int, ...], patcher: Any = None) -> RunState:
+    """Parallel if everything known before the first call allows it; otherwise plain, with the reason."""
+    devices, reason = resolve_devices(settings.devices)
+    run = RunState(settings, devices, shape, patcher)
+    if reason is None and len(shape) != 4:
+        reason = f"the latent has shape {list(shape)}; only image latents [B, C, H, W] are split into bands"
+    if reason is None:
+        try:
+            find_plan(diffusion_model)
+            engine = shared_engine(pool_config(devices))
+            engine.new_run(settings.patch_config())
+            engine.check_shape(diffusion_model, shape[2], shape[3], 2 if settings.cfg_split else 1)
+            run.engine = engine
+        except ConfigError as e:  # an unsupported family, or a latent too small for the devices
+            reason = str(e)
+    if reason is not None:
+        run.fall_back(reason)
+    return run
+
+
+def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                         disable_pbar=False, seed=None, **kwargs):
+    """One sampling run; state lives in a clone of the guider's options and is dropped in `finally`."""
+    guider = executor.class_obj
+    hook: PCPPHook = guider.model_options["transformer_options"][HOOK_KEY]
+    diffusion_model = getattr(guider.model_patcher.model, "diffusion_model", None)
+    run = start_run(hook.settings, diffusion_model, tuple(noise.shape), guider.model_patcher)
+    original = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    guider.model_options["transformer_options"][RUN_KEY] = run
+    try:
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, run.wrap_callback(callback),
+                        disable_pbar, seed, **kwargs)
+    finally:
+        guider.model_options = original
+        hook.last_stats = run.summary()
+        log.info("PCPP run: %s", json.dumps(hook.last_stats))
+
+
+def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    """`diffusion_model(x, timesteps, ...)` on bands when the workers can run it, else on the host."""
+    comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel stops within one call
+    run: RunState | None = transformer_options.get(RUN_KEY)
+
+    def host() -> torch.Tensor:
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    if run is None:  # called outside a sampling run (e.g. by another node): nothing to split
+        return host()
+    if run.engine is not None:
+        clean, reason = split_transformer_options(transformer_options)
+        reason = reason or _inner_wrappers(executor) or unsupported_kwargs(kwargs)
+        if reason is not None:
+            run.fall_back(reason)
+    if run.engine is None:
+        return run.plain(host)
+    composition = tuple(transformer_options.get("cond_or_uncond") or (0,))
+    chunks = 2 if len(composition) == 2 and x.shape[0] % 2 == 0 else 1
+    try:
+        return run.engine(executor.class_obj, x, timesteps, context=context, y=y, control=control,
+                          transformer_options=clean, slot=run.next_slot(composition), batch_chunks=chunks,
+                          model_key=run.weights_tag(), **kwargs)
+    except ConfigError as e:  # e.g. weights patched on the fly (lowvram), an area-conditioning crop too small
+        run.fall_back(str(e))
+        return run.plain(host)
+
+
+def _inner_wrappers(executor) -> str | None:
+    """Another node's diffusion-model wrapper inside ours would be skipped by the workers."""
+    inner = [w for w in executor.wrappers[executor.idx + 1:] if w is not diffusion_model_wrapper]
+    if inner:
+        names = ", ".join(getattr(w, "__qualname__", type(w).__name__) for w in inner)
+        return f"another node wraps the diffusion model inside PCPP ({names}); the workers cannot run it"
+    return None
+
+
+_HOOKED = ((_WRAPPERS.OUTER_SAMPLE, outer_sample_wrapper), (_WRAPPERS.DIFFUSION_MODEL, diffusion_model_wrapper))
+
+
+def apply_pcpp(model: Any, settings: PCPPSettings) -> tuple[Any, PCPPHook]:
+    """A clone of the ModelPatcher that samples with PCPP; the input model is left untouched."""
+    patched = remove_pcpp(model).clone()
+    hook = PCPPHook(settings)
+    patched.model_options.setdefault("transformer_options", {})[HOOK_KEY] = hook
+    for kind, wrapper in _HOOKED:
+        patched.add_wrapper_with_key(kind, HOOK_KEY, wrapper)
+    return patched, hook
+
+
+def remove_pcpp(model: Any) -> Any:
+    """`model` itself when no PCPP node hooked it, else a clone without the hook (mode=off, or a
+    PCPP node downstream of another: the last one's settings win)."""
+    if not any(model.get_wrappers(kind, HOOK_KEY) for kind, _ in _HOOKED):
+        return model
+    plain = model.clone()
+    for kind, _ in _HOOKED:
+        plain.remove_wrappers_with_key(kind, HOOK_KEY)
+    plain.model_options.get("transformer_options", {}).pop(HOOK_KEY, None)
+    return plain

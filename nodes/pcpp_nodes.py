@@ -1,0 +1,152 @@
+"""The V3 nodes: PCPP KSampler and PCPP Parallel Model (ids and inputs are a fixed contract)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import ComfyExtension, io
+from pcpp_core import ConfigError
+
+from .hook import MAX_FRACTION, MODES, PCPPSettings, apply_pcpp, remove_pcpp, resolve_devices
+
+CATEGORY = "sampling/pcpp"
+
+
+def engine_inputs() -> list[io.Input]:
+    """The engine settings both nodes take; the web extension relies on these names."""
+    return [
+        io.String.Input("devices", default="auto",
+                        tooltip="Where the bands run: auto (every visible CUDA GPU), a list such as "
+                                "cuda:0,cuda:1, or cpu:N for N CPU worker processes. Fewer than two "
+                                "devices runs plain ComfyUI sampling, and the stats say so."),
+        io.Float.Input("neighbour_fraction", default=0.3, min=0.0, max=MAX_FRACTION, step=0.05,
+                       tooltip="How much of each neighbouring band a band's self-attention sees, in band "
+                               "heights: 0 = own band only, 1 = whole neighbours. More is closer to the "
+                               "single-GPU image and sends more data (pcpp mode only)."),
+        io.Combo.Input("mode", options=list(MODES), default="pcpp",
+                       tooltip="pcpp: neighbour window with stale activations (fast). distrifusion: whole-"
+                               "image window. naive: bands denoised alone (baseline). sync: exact, every step "
+                               "waits for fresh data (same image as one device). off: plain ComfyUI sampling."),
+        io.Int.Input("warmup_steps", default=4, min=0, max=10000,
+                     tooltip="Model calls per call slot that run synchronously (exact) before stale "
+                             "activations are used; more steps, closer to the single-GPU image."),
+        io.Boolean.Input("cfg_split", default=False,
+                         tooltip="Run the positive and negative prompt on two halves of the devices "
+                                 "(needs an even number of devices and cfg > 1)."),
+    ]
+
+
+def settings_from(devices: str, neighbour_fraction: float, mode: str, warmup_steps: int,
+                  cfg_split: bool) -> PCPPSettings:
+    return PCPPSettings(devices=devices, neighbour_fraction=neighbour_fraction, mode=mode,
+                        warmup_steps=warmup_steps, cfg_split=cfg_split)
+
+
+def check_devices(devices: Any) -> bool | str:
+    """validate_inputs answer for `devices`: True, or the reason it is rejected before the run."""
+    if not isinstance(devices, str):
+        return True  # linked from another node: checked when the node runs
+    try:
+        resolve_devices(devices)
+    except ConfigError as e:
+        return str(e)
+    return True
+
+
+class PCPPKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PCPPKSampler",
+            display_name="PCPP KSampler",
+            category=CATEGORY,
+            description="KSampler that splits each denoising step into horizontal bands across several "
+                        "devices (Partially Conditioned Patch Parallelism).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for denoising the input latent."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000,
+                             tooltip="The number of steps used in the denoising process."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="The Classifier-Free Guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The algorithm used when sampling."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="The scheduler controls how noise is gradually removed."),
+                io.Conditioning.Input("positive", tooltip="The conditioning describing what to include."),
+                io.Conditioning.Input("negative", tooltip="The conditioning describing what to exclude."),
+                io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The amount of denoising applied; lower keeps more of the input latent."),
+                *engine_inputs(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, devices) -> bool | str:
+        return check_devices(devices)
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise, devices, neighbour_fraction, mode, warmup_steps, cfg_split) -> io.NodeOutput:
+        settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split)
+        model, hook = (remove_pcpp(model), None) if settings.off else apply_pcpp(model, settings)
+        latent = ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
+        stats = hook.last_stats if hook is not None and hook.last_stats else off_stats(settings, latent["samples"])
+        return io.NodeOutput(latent, ui={"pcpp_stats": [stats]})
+
+
+def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+            latent: dict, denoise: float) -> dict:
+    """What KSampler does, on `model`: same noise for the same seed, ComfyUI's progress bar and previews."""
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, steps)
+    out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+                              denoise=denoise, noise_mask=latent.get("noise_mask"), callback=callback,
+                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    result = latent.copy()
+    result["samples"] = out
+    return result
+
+
+def off_stats(settings: PCPPSettings, samples: torch.Tensor) -> dict[str, Any]:
+    """Stats for mode=off: plain sampling because the user asked for it (not a fallback)."""
+    return {"mode": settings.mode, "fraction": float(settings.neighbour_fraction), "bands": 1, "devices": [],
+            "calls": 0, "seconds_per_call": 0.0, "bytes_per_call": 0, "bytes_per_call_warmup": 0,
+            "height": int(samples.shape[-2]), "width": int(samples.shape[-1]), "fallback": None}
+
+
+class PCPPParallelModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PCPPParallelModel",
+            display_name="PCPP Parallel Model",
+            category=CATEGORY,
+            description="Makes every sampler that uses this model (KSamplerAdvanced, SamplerCustomAdvanced, "
+                        "third-party samplers) split each denoising step across several devices.",
+            inputs=[io.Model.Input("model", tooltip="The model to run in parallel."), *engine_inputs()],
+            outputs=[io.Model.Output(tooltip="A copy of the model that samples in parallel; the input is unchanged.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, devices) -> bool | str:
+        return check_devices(devices)
+
+    @classmethod
+    def execute(cls, model, devices, neighbour_fraction, mode, warmup_steps, cfg_split) -> io.NodeOutput:
+        settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split)
+        return io.NodeOutput(remove_pcpp(model) if settings.off else apply_pcpp(model, settings)[0])
+
+
+class PCPPExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [PCPPKSampler, PCPPParallelModel]

@@ -1,0 +1,269 @@
+"""Headless ComfyUI (--cpu, loopback) with the pack in custom_nodes: what a user and a script see.
+
+The server runs the example workflows from workflows/ through POST /prompt. Model files are
+the random-weight ones from the ComfyUI test setup, linked under the names the workflows use;
+the SDXL workflow gets the SD1.5-architecture file under the SDXL name (a random SDXL with its
+CLIP-G is several GB), which still runs its graph, cfg_split included. Sizes and step counts are
+cut down for the CPU, and devices=cpu:2 makes the engine start real worker processes inside
+the server (where a multiprocessing spawn would re-run main.py).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.comfy
+
+REPO = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")  # conftest skips every test here when it is unusable
+WORKFLOWS = REPO / "workflows"
+API_WORKFLOWS = sorted(WORKFLOWS.glob("*.api.json"))
+UI_WORKFLOWS = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
+COMFY_HOME = Path(os.environ.get("PCPP_COMFYUI_HOME", Path(COMFYUI_PATH or ".").resolve().parent))
+RANDOM_CHECKPOINT = COMFY_HOME / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
+ENGINE_INPUTS = ("devices", "neighbour_fraction", "mode", "warmup_steps", "cfg_split")
+_seed = iter(range(int(time.time()) % 100000, 10**9))  # the server caches identical prompts
+
+
+class Server:
+    def __init__(self, url: str, base: Path, proc: subprocess.Popen, log: Path):
+        self.url, self.base, self.proc, self.log = url, base, proc, log
+
+    def call(self, path: str, payload: dict | None = None) -> dict:
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = r.read()
+        return json.loads(body) if body else {}  # /interrupt answers with an empty body
+
+    def run(self, graph: dict, timeout: float = 300, prompt_id: str | None = None) -> dict:
+        """POST /prompt (unless `prompt_id` is already queued), then poll /history until the prompt
+        is done; returns its history entry."""
+        if prompt_id is None:
+            prompt_id = self.call("/prompt", {"prompt": graph, "client_id": str(uuid.uuid4())})["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.call(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry["status"].get("completed") is not None and entry["status"]["status_str"] != "":
+                return entry
+            assert self.proc.poll() is None, f"the server died:\n{self.tail()}"
+            time.sleep(0.25)
+        pytest.fail(f"prompt {prompt_id} not done within {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def why(entry: dict) -> str:
+    """The error of a failed prompt, short: its message and the end of its traceback."""
+    for kind, msg in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            return f"{msg['node_type']}: {msg['exception_message']}\n{''.join(msg['traceback'][-3:])}"
+    return entry["status"]["status_str"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not RANDOM_CHECKPOINT.is_file():
+        pytest.skip(f"{RANDOM_CHECKPOINT} is missing: run ../shared/comfyui/setup.sh (or set PCPP_COMFYUI_HOME)")
+    base = tmp_path_factory.mktemp("comfy-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-PCPP").symlink_to(REPO, target_is_directory=True)
+    checkpoints = base / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    names = {node["inputs"]["ckpt_name"] for p in API_WORKFLOWS for node in json.loads(p.read_text()).values()
+             if node["class_type"] == "CheckpointLoaderSimple"}
+    for name in names:
+        (checkpoints / name).symlink_to(RANDOM_CHECKPOINT)
+    port = _free_port()
+    log = base / "server.log"
+    cmd = [sys.executable, str(Path(COMFYUI_PATH) / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base)]
+    if (COMFY_HOME / "frontend-stub").is_dir():
+        cmd += ["--front-end-root", str(COMFY_HOME / "frontend-stub")]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base)
+    srv = Server(f"http://127.0.0.1:{port}", base, proc, log)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{srv.tail()}"
+            try:
+                srv.call("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, f"the server did not answer within 180 s:\n{srv.tail()}"
+                time.sleep(0.5)
+        yield srv
+    finally:
+        proc.terminate()  # the workers watch their parent and exit with it
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.call("/object_info")
+
+
+def small(graph: dict, devices: str | None = "cpu:2") -> dict:
+    """The workflow cut down for a CPU: 128x128 images, 3 steps, a fresh seed, `devices` for every PCPP node."""
+    graph = copy.deepcopy(graph)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=128, height=128)
+        for key in ("seed", "noise_seed"):
+            if key in inputs:
+                inputs[key] = next(_seed)
+        if "steps" in inputs:
+            inputs["steps"] = 3
+        if devices is not None and "devices" in inputs:
+            inputs["devices"] = devices
+    return graph
+
+
+def outputs_of(server: Server, entry: dict) -> tuple[list[Path], list[dict]]:
+    files, stats = [], []
+    for out in entry["outputs"].values():
+        files += [server.base / "output" / f.get("subfolder", "") / f["filename"] for f in out.get("images", [])]
+        stats += out.get("pcpp_stats", [])
+    return files, stats
+
+
+def test_object_info_lists_both_nodes_with_their_inputs(object_info):
+    for node_id, display, extra in (("PCPPKSampler", "PCPP KSampler", ("model", "seed", "steps", "cfg", "sampler_name",
+                                                                       "scheduler", "positive", "negative",
+                                                                       "latent_image", "denoise")),
+                                    ("PCPPParallelModel", "PCPP Parallel Model", ("model",))):
+        info = object_info[node_id]
+        assert info["display_name"] == display and info["category"] == "sampling/pcpp"
+        required = info["input"]["required"]
+        assert set(required) == set(extra) | set(ENGINE_INPUTS)
+        for name, (_, options) in required.items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        frac = required["neighbour_fraction"][1]
+        assert (required["neighbour_fraction"][0], frac["default"], frac["min"], frac["max"], frac["step"]) == \
+            ("FLOAT", 0.3, 0.0, 2.0, 0.05)
+        assert required["mode"][1]["options"] == ["pcpp", "distrifusion", "naive", "sync", "off"]
+        assert (required["devices"][0], required["devices"][1]["default"]) == ("STRING", "auto")
+        assert (required["warmup_steps"][1]["default"], required["warmup_steps"][1]["min"]) == (4, 0)
+        assert (required["cfg_split"][0], required["cfg_split"][1]["default"]) == ("BOOLEAN", False)
+    assert object_info["PCPPKSampler"]["output"] == ["LATENT"]
+    assert object_info["PCPPParallelModel"]["output"] == ["MODEL"]
+
+
+def test_bad_fraction_is_rejected_naming_it_and_the_server_serves_the_next_prompt(server):
+    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    bad = copy.deepcopy(graph)
+    bad["3"]["inputs"]["neighbour_fraction"] = -1.0
+    with pytest.raises(urllib.error.HTTPError) as err:
+        server.call("/prompt", {"prompt": bad})
+    assert err.value.code == 400
+    errors = json.loads(err.value.read())["node_errors"]["3"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["neighbour_fraction"]
+    assert "neighbour_fraction" in errors[0]["details"]
+    bad["3"]["inputs"].update(neighbour_fraction=0.3, devices="gpu:7")  # unparseable devices: rejected too
+    with pytest.raises(urllib.error.HTTPError) as err:
+        server.call("/prompt", {"prompt": bad})
+    assert "devices" in json.dumps(json.loads(err.value.read())["node_errors"]["3"])
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", why(entry)
+
+
+@pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.name)
+def test_api_workflow_runs_in_parallel(server, path):
+    entry = server.run(small(json.loads(path.read_text())))
+    assert entry["status"]["status_str"] == "success", f"{why(entry)}\n{server.tail()}"
+    files, stats = outputs_of(server, entry)
+    assert files and all(f.is_file() and f.stat().st_size > 0 for f in files)
+    for s in stats:  # PCPP KSampler's UI output
+        assert s["fallback"] is None and s["devices"] == ["cpu", "cpu"] and s["calls"] > 0
+        assert (s["height"], s["width"]) == (16, 16) and s["bands"] == (1 if "cfg_split" in path.name else 2)
+    if not stats:  # PCPP Parallel Model has no UI output: the log says what ran
+        assert '"fallback": null' in server.log.read_text(errors="replace").split("PCPP run:")[-1]
+
+
+def test_cancel_stops_the_run_and_the_next_prompt_starts_clean(server):
+    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    graph["3"]["inputs"]["steps"] = 500  # far longer than the test waits
+    prompt_id = server.call("/prompt", {"prompt": graph})["prompt_id"]
+    deadline = time.monotonic() + 120
+    while not re.search(r"[1-9]\d*/500 \[", server.tail(5)):  # ComfyUI's progress bar: a step is done
+        assert time.monotonic() < deadline, f"sampling never started:\n{server.tail()}"
+        time.sleep(0.2)
+    server.call("/interrupt", {})
+    cancelled = time.monotonic()
+    entry = server.run(graph, timeout=60, prompt_id=prompt_id)
+    assert time.monotonic() - cancelled < 30
+    assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
+    last_run = json.loads(server.log.read_text(errors="replace").split("PCPP run: ")[-1].splitlines()[0])
+    assert 0 < last_run["calls"] < 500  # the hook saw the run stop part-way
+    entry = server.run(small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
+    assert entry["status"]["status_str"] == "success", why(entry)
+    [stats] = outputs_of(server, entry)[1]
+    assert stats["fallback"] is None and stats["calls"] == 3  # one batched cond+uncond call per step, counted afresh
+
+
+def test_devices_auto_without_gpus_runs_plain_and_says_so(server):
+    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=None)
+    assert graph["3"]["inputs"]["devices"] == "auto"
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", why(entry)
+    [stats] = outputs_of(server, entry)[1]
+    assert "devices='auto' found 0 CUDA GPU" in stats["fallback"] and stats["bands"] == 1
+    assert "running plain ComfyUI sampling" in server.tail(200)
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS + API_WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_file_parses_and_its_node_types_exist(object_info, path):
+    data = json.loads(path.read_text())
+    if path.name.endswith(".api.json"):
+        for node_id, node in data.items():
+            info = object_info.get(node["class_type"])
+            assert info, f"{path.name} node {node_id}: unknown type {node['class_type']}"
+            known = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+            assert set(node["inputs"]) <= set(known), f"{node['class_type']}: {set(node['inputs']) - set(known)}"
+        return
+    link_ids = {link[0] for link in data["links"]}
+    for node in data["nodes"]:
+        info = object_info.get(node["type"])
+        assert info, f"{path.name} node {node['id']}: unknown type {node['type']}"
+        required = info["input"]["required"]
+        widgets = [n for n, spec in required.items() if isinstance(spec[0], list) or spec[0] in
+                   ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+        seeds = sum(1 for n in widgets if required[n][1].get("control_after_generate"))
+        assert len(node["widgets_values"]) == len(widgets) + seeds, f"{node['type']} widgets"
+        assert all(i["link"] in link_ids for i in node["inputs"]), f"{node['type']}: dangling input link"
+
+
+def test_workflow_files_match_their_generator():
+    sys.path.insert(0, str(WORKFLOWS))
+    try:
+        import build_workflows
+    finally:
+        sys.path.remove(str(WORKFLOWS))
+    for name, graph in build_workflows.WORKFLOWS.items():
+        assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == build_workflows.ui_format(graph)
+        assert json.loads((WORKFLOWS / f"{name}.api.json").read_text()) == build_workflows.api_format(graph)

@@ -1,0 +1,140 @@
+"""Writes the example workflows, each in UI format (<name>.json) and API format (<name>.api.json).
+
+One description per graph, so the two formats cannot drift apart. Run from anywhere:
+
+    python workflows/build_workflows.py
+
+Stdlib only: it knows the inputs of the few node types it uses (tests/comfy checks them
+against a running ComfyUI's /object_info).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = "control_after_generate"  # a seed widget: the UI stores one more value after it
+
+# type -> (linked inputs [(name, type)], widget names in order, outputs [(name, type)])
+NODE_TYPES: dict[str, tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]] = {
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
+    "PCPPKSampler": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        ["seed", SEED, "steps", "cfg", "sampler_name", "scheduler", "denoise",
+         "devices", "neighbour_fraction", "mode", "warmup_steps", "cfg_split"],
+        [("LATENT", "LATENT")]),
+    "PCPPParallelModel": ([("model", "MODEL")], ["devices", "neighbour_fraction", "mode", "warmup_steps", "cfg_split"],
+                          [("MODEL", "MODEL")]),
+    "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")], ["cfg"],
+                  [("GUIDER", "GUIDER")]),
+    "KSamplerSelect": ([], ["sampler_name"], [("SAMPLER", "SAMPLER")]),
+    "BasicScheduler": ([("model", "MODEL")], ["scheduler", "steps", "denoise"], [("SIGMAS", "SIGMAS")]),
+    "RandomNoise": ([], ["noise_seed", SEED], [("NOISE", "NOISE")]),
+    "SamplerCustomAdvanced": (
+        [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+        [], [("output", "LATENT"), ("denoised_output", "LATENT")]),
+}
+
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+POSITIVE = "a photograph of a lighthouse on a rocky coast at sunset, dramatic clouds, highly detailed"
+NEGATIVE = "blurry, low quality, watermark, text"
+
+
+def engine(devices="auto", fraction=0.3, mode="pcpp", warmup=4, cfg_split=False) -> dict:
+    return {"devices": devices, "neighbour_fraction": fraction, "mode": mode, "warmup_steps": warmup,
+            "cfg_split": cfg_split}
+
+
+def txt2img(ckpt: str, size: int, steps: int, cfg: float, sampler: str, scheduler: str, prefix: str,
+            cfg_split: bool) -> dict[int, tuple]:
+    """Checkpoint -> prompts -> PCPP KSampler -> VAE decode -> save. Node id -> (type, widgets, links)."""
+    return {
+        4: ("CheckpointLoaderSimple", {"ckpt_name": ckpt}, {}),
+        6: ("CLIPTextEncode", {"text": POSITIVE}, {"clip": (4, 1)}),
+        7: ("CLIPTextEncode", {"text": NEGATIVE}, {"clip": (4, 1)}),
+        5: ("EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, {}),
+        3: ("PCPPKSampler", {"seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+                             "denoise": 1.0, **engine(cfg_split=cfg_split)},
+            {"model": (4, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (5, 0)}),
+        8: ("VAEDecode", {}, {"samples": (3, 0), "vae": (4, 2)}),
+        9: ("SaveImage", {"filename_prefix": prefix}, {"images": (8, 0)}),
+    }
+
+
+def parallel_model_custom_advanced() -> dict[int, tuple]:
+    """PCPP Parallel Model makes a stock SamplerCustomAdvanced graph parallel."""
+    return {
+        4: ("CheckpointLoaderSimple", {"ckpt_name": SD15}, {}),
+        10: ("PCPPParallelModel", engine(), {"model": (4, 0)}),
+        6: ("CLIPTextEncode", {"text": POSITIVE}, {"clip": (4, 1)}),
+        7: ("CLIPTextEncode", {"text": NEGATIVE}, {"clip": (4, 1)}),
+        11: ("CFGGuider", {"cfg": 7.0}, {"model": (10, 0), "positive": (6, 0), "negative": (7, 0)}),
+        12: ("KSamplerSelect", {"sampler_name": "euler"}, {}),
+        13: ("BasicScheduler", {"scheduler": "normal", "steps": 20, "denoise": 1.0}, {"model": (10, 0)}),
+        14: ("RandomNoise", {"noise_seed": 42}, {}),
+        5: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, {}),
+        15: ("SamplerCustomAdvanced", {}, {"noise": (14, 0), "guider": (11, 0), "sampler": (12, 0),
+                                           "sigmas": (13, 0), "latent_image": (5, 0)}),
+        8: ("VAEDecode", {}, {"samples": (15, 0), "vae": (4, 2)}),
+        9: ("SaveImage", {"filename_prefix": "PCPP/sd15_parallel_model"}, {"images": (8, 0)}),
+    }
+
+
+WORKFLOWS = {
+    "sd15_txt2img_pcpp_ksampler": txt2img(SD15, 512, 20, 8.0, "euler", "normal", "PCPP/sd15", cfg_split=False),
+    "sdxl_txt2img_pcpp_cfg_split": txt2img(SDXL, 1024, 25, 7.0, "dpmpp_2m", "karras", "PCPP/sdxl", cfg_split=True),
+    "sd15_parallel_model_sampler_custom_advanced": parallel_model_custom_advanced(),
+}
+
+
+def api_format(graph: dict[int, tuple]) -> dict[str, dict]:
+    out = {}
+    for node_id, (kind, widgets, links) in graph.items():
+        inputs = dict(widgets)
+        inputs.update({name: [str(src), slot] for name, (src, slot) in links.items()})
+        out[str(node_id)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": kind}}
+    return out
+
+
+def ui_format(graph: dict[int, tuple]) -> dict:
+    """LiteGraph's workflow JSON, the format the ComfyUI frontend saves and loads by drag-and-drop."""
+    links, nodes = [], []
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    for node_id, (kind, _, node_links) in graph.items():
+        linked = dict(NODE_TYPES[kind][0])
+        for name, (src, slot) in node_links.items():
+            link_id = len(links) + 1
+            links.append([link_id, src, slot, node_id, [n for n, _ in NODE_TYPES[kind][0]].index(name), linked[name]])
+            outgoing.setdefault((src, slot), []).append(link_id)
+    by_dst = {(l[3], l[4]): l[0] for l in links}
+    for order, (node_id, (kind, widgets, _)) in enumerate(graph.items()):
+        linked, widget_names, outputs = NODE_TYPES[kind]
+        values = []
+        for name in widget_names:
+            values.append("randomize" if name == SEED else widgets[name])
+        nodes.append({
+            "id": node_id, "type": kind, "pos": [60 + 340 * (order % 4), 80 + 300 * (order // 4)], "size": [315, 130],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": by_dst.get((node_id, i))} for i, (n, t) in enumerate(linked)],
+            "outputs": [{"name": n, "type": t, "links": outgoing.get((node_id, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": kind},
+            "widgets_values": values,
+        })
+    return {"last_node_id": max(graph), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def main() -> None:
+    for name, graph in WORKFLOWS.items():
+        (HERE / f"{name}.json").write_text(json.dumps(ui_format(graph), indent=2) + "\n")
+        (HERE / f"{name}.api.json").write_text(json.dumps(api_format(graph), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
