@@ -267,3 +267,47 @@ def test_workflow_files_match_their_generator():
     for name, graph in build_workflows.WORKFLOWS.items():
         assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == build_workflows.ui_format(graph)
         assert json.loads((WORKFLOWS / f"{name}.api.json").read_text()) == build_workflows.api_format(graph)
+
+
+def _worker_pids(server: Server) -> list[int]:
+    """The engine's worker processes: children of the server running pcpp_core.worker."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if ppid == server.proc.pid and b"pcpp_core.worker" in cmd:
+            pids.append(int(pid))
+    return sorted(pids)
+
+
+def test_killed_worker_fails_the_prompt_naming_the_rank_and_the_next_prompt_succeeds(server):
+    import signal
+
+    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    graph["3"]["inputs"]["steps"] = 500
+    prompt_id = server.call("/prompt", {"prompt": graph})["prompt_id"]
+    deadline = time.monotonic() + 120
+    while not re.search(r"[1-9]\d*/500 \[", server.tail(5)):  # sampling is under way
+        assert time.monotonic() < deadline, f"sampling never started:\n{server.tail()}"
+        time.sleep(0.2)
+    old = _worker_pids(server)
+    assert len(old) == 2, old
+    os.kill(old[1], signal.SIGKILL)
+    killed = time.monotonic()
+    entry = server.run(graph, timeout=60, prompt_id=prompt_id)
+    assert time.monotonic() - killed < 10
+    assert entry["status"]["status_str"] == "error"
+    message = why(entry)
+    assert "WorkerError" in message and re.search(r"worker rank \d: died", message), message
+    assert server.call("/system_stats")  # the server keeps serving
+    entry = server.run(small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
+    assert entry["status"]["status_str"] == "success", why(entry)
+    [stats] = outputs_of(server, entry)[1]
+    assert stats["fallback"] is None and stats["bands"] == 2
+    new = _worker_pids(server)
+    assert len(new) == 2 and not set(new) & set(old)
