@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -32,6 +33,7 @@ log = logging.getLogger("pcpp.nodes")
 
 MODES = (*(m.value for m in Mode), "off")  # off: plain ComfyUI sampling, a node-level choice
 MAX_FRACTION = 2.0  # the widget's range; 1 = whole neighbouring bands
+TIMEOUT_ENV = "PCPP_CALL_TIMEOUT_S"
 _WRAPPERS = comfy.patcher_extension.WrappersMP
 
 
@@ -85,12 +87,21 @@ def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
     return devices, None
 
 
+def call_timeout_s() -> float:
+    """Seconds a model call may take before its worker counts as hung: $PCPP_CALL_TIMEOUT_S, default 300."""
+    text = os.environ.get(TIMEOUT_ENV, "300")
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} must be a number of seconds") from None
+
+
 def pool_config(devices: tuple[str, ...]) -> PoolConfig:
     """Workers that import ComfyUI with the host's flags (see worker_boot)."""
     flags = {k: v for k, v in vars(comfy.cli_args.args).items() if isinstance(v, (bool, int, float, str, type(None)))}
     flags["cpu"] = devices[0] == "cpu"  # a CPU worker must never ask CUDA for a device
     env = (("PCPP_WORKER_PRELOAD", "nodes.worker_boot"), (ARGS_ENV, json.dumps(flags, sort_keys=True)))
-    return PoolConfig(devices=devices, env=env)
+    return PoolConfig(devices=devices, env=env, call_timeout_s=call_timeout_s())
 
 
 class PCPPHook:

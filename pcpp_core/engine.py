@@ -93,6 +93,7 @@ class Engine:
         self.stats = RunStats()
         self._version: str | None = None
         self._levels = 0
+        self._run_size: tuple[int, int] | None = None
         self.model_loads = 0  # how many times a model version was sent to the workers
         self._lock = threading.Lock()
 
@@ -115,17 +116,18 @@ class Engine:
         """Start a sampling run: stale buffers and warm-up counters begin again."""
         self.patch = patch
         self.stats = RunStats(patch.mode.value, patch.fraction, 0, self.pool_config.devices)
+        self._run_size: tuple[int, int] | None = None  # latent rows x cols, fixed by the run's first call
         if self.pool.started and self._version is not None:
             self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
 
     # -- model ----------------------------------------------------------------------------
     def load(self, model: nn.Module, model_key: Hashable = None) -> None:
         """Send `model` to the workers unless this version is already there (see model_version)."""
-        self.start()
         version = model_version(model, model_key)
-        if version == self._version:
+        if version == self._version and self.pool.started:
             return
-        plan = find_plan(model)  # refuse unsupported models before any work
+        plan = find_plan(model)  # refuse unsupported models before any work, even a pool start
+        self.start()
         path = os.path.join(self.pool.workdir, f"model-{version[:12]}.pt")
         t0 = time.perf_counter()
         torch.save(model, path)
@@ -172,8 +174,10 @@ class Engine:
             raise ConfigError(f"x must be a latent [B, C, H, W]; got shape {tuple(x.shape)}")
         with self._lock:
             self.load(model, model_key)
+            self._check_run_size(x)
             groups = self._groups(x.shape[0], batch_chunks)
             Bands.split(x.shape[2], x.shape[3], len(groups[0]), self._levels)  # refuse before sending
+            self._run_size = self._run_size or tuple(x.shape[2:])
             per = x.shape[0] // len(groups)
             cpu_args = map_tensors((x, *args), lambda t: t.detach().cpu())
             cpu_kwargs = map_tensors(kwargs, lambda t: t.detach().cpu())
@@ -192,6 +196,16 @@ class Engine:
             self.stats.calls.append(StepRecord(seconds, {s.rank: s.bytes_sent for s in stats},
                                                stats[0].synchronous, {s.rank: s.seconds for s in stats}))
             return out
+
+    def _check_run_size(self, x: torch.Tensor) -> None:
+        """One latent size per sampling run. The batch may change between calls (ComfyUI runs
+        cond and uncond together or apart; each composition is its own call slot), the rows and
+        columns may not: stale activations of another size mean nothing."""
+        if self._run_size is not None and tuple(x.shape[2:]) != self._run_size:
+            raise ConfigError(
+                f"x (the latent) changed size during a sampling run: {tuple(x.shape)} after "
+                f"{self._run_size[0]}x{self._run_size[1]}; keep one size per run, or call new_run() first"
+            )
 
     def _assemble(self, replies: dict[int, Any], groups: list[tuple[int, ...]], x: torch.Tensor,
                   per: int) -> torch.Tensor:

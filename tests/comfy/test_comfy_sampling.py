@@ -248,3 +248,30 @@ def test_cancel_stops_within_one_call_and_next_run_is_clean(comfy, unet, inputs)
     mm.interrupt_current_processing(False)
     ref = sample(comfy, unet, inputs)
     rel_close(sample(comfy, model, inputs), ref)
+
+
+def test_hung_worker_times_out_with_a_clear_error_and_the_next_run_recovers(comfy, unet, inputs, monkeypatch):
+    import time
+
+    from pcpp_core import WorkerError
+
+    monkeypatch.setenv("PCPP_CALL_TIMEOUT_S", "3")
+    monkeypatch.setenv("PCPP_TEST_HANG_RANK", "1")  # the worker's test hook: rank 1 sleeps in its first call
+    model, _ = pcpp(comfy, unet, mode="sync")
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"worker rank \d: no answer to 'call' within 3 s.*hung"):
+        sample(comfy, model, inputs)
+    assert time.monotonic() - start < 30  # pool start + model load + the 3 s limit
+    monkeypatch.delenv("PCPP_CALL_TIMEOUT_S")
+    monkeypatch.delenv("PCPP_TEST_HANG_RANK")
+    model, hook = pcpp(comfy, unet, mode="sync")
+    rel_close(sample(comfy, model, inputs), sample(comfy, unet, inputs))
+    assert hook.last_stats["fallback"] is None
+
+
+def test_bad_call_timeout_is_named(comfy, monkeypatch):
+    from pcpp_core import ConfigError
+
+    monkeypatch.setenv("PCPP_CALL_TIMEOUT_S", "soon")
+    with pytest.raises(ConfigError, match="PCPP_CALL_TIMEOUT_S='soon'"):
+        comfy.hook.pool_config(("cpu", "cpu"))
