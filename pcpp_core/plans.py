@@ -129,6 +129,9 @@ def _check_supported(model: nn.Module, plan: ModelPlan) -> None:
         for attr in ("weight_function", "bias_function"):  # ComfyUI's on-the-fly (lowvram) patches
             if getattr(m, attr, None):
                 raise UnsupportedModelError(f"{name}: weights are patched on the fly ({attr}); load the model fully")
+        if isinstance(m, (nn.Conv2d, nn.GroupNorm)) and isinstance(getattr(m, "scale_weight", None), torch.Tensor):
+            # band layers read `weight` directly; a per-tensor scale (scaled fp8 files) would be skipped
+            raise UnsupportedModelError(f"{name}: weights are stored scaled (scaled fp8); use an fp16/bf16 model")
 
 
 def _targets(model: nn.Module, plan: ModelPlan) -> dict[str, type]:
