@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 from typing import Any, Iterable, Sequence, TextIO
 
 import torch
@@ -141,8 +142,6 @@ def emit(rows: list[Row], columns: Sequence[tuple[str, str]], *, as_json: bool, 
          notes: Sequence[str] = (), out: TextIO | None = None, save: str | None = None) -> None:
     """Print a titled table with notes, or one JSON object per line; `save` also appends the
     JSON lines to a file (the input of `bench plot`)."""
-    import sys
-
     out = out or sys.stdout
     lines = [json.dumps(public(r), sort_keys=True) for r in rows]
     if as_json:

@@ -119,24 +119,33 @@ def plot_quality(plt: Any, rows: list[Row], path: str) -> None:
 
 
 def plot_model(plt: Any, rows: list[Row], path: str) -> None:
-    """Modelled speed-up against GPU count, one panel per link, one line per mode and size."""
+    """Modelled speed-up against GPU count: a row of panels per link, a column per image size,
+    a line per mode; the paper's DistriFusion 3840^2 figures as stars where they apply."""
     links = sorted({r["link"] for r in rows})
-    fig, axes = plt.subplots(1, len(links), figsize=(5.5 * len(links), 4), squeeze=False, sharey=True)
-    for ax, link in zip(axes[0], links):
-        series: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
-        for r in rows:
-            if r["link"] == link:
-                series[(mode_label(r["mode"], r["fraction"]), r["height"])].append((r["bands"], r["predicted_speedup"]))
-        for (label, px), pts in sorted(series.items()):
-            ax.plot(*zip(*sorted(pts)), "o-", label=f"{label} {px}px")
-        paper = sorted((r["bands"], r["paper_speedup"]) for r in rows if r["link"] == link and r.get("paper_speedup"))
-        if paper:
-            ax.plot(*zip(*paper), "k*", ms=10, label="paper: distrifusion 3840px")
-        ax.set_title(f"MODEL, not measured: {link}")
-        ax.set_xlabel("GPUs")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("predicted speed-up over one GPU")
-    axes[0][0].legend(fontsize=6, ncol=2)
+    sizes = sorted({r["height"] for r in rows})
+    fig, axes = plt.subplots(len(links), len(sizes), figsize=(4 * len(sizes), 3.4 * len(links)), squeeze=False,
+                             sharey=True)
+    for i, link in enumerate(links):
+        for j, px in enumerate(sizes):
+            ax = axes[i][j]
+            sub = [r for r in rows if (r["link"], r["height"]) == (link, px)]
+            series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+            for r in sub:
+                series[mode_label(r["mode"], r["fraction"])].append((r["bands"], r["predicted_speedup"]))
+            for label, pts in series.items():
+                ax.plot(*zip(*sorted(pts)), "o-", label=label)
+            gpus = sorted({r["bands"] for r in sub})
+            ax.plot(gpus, gpus, color="grey", lw=0.8, ls=":", label="linear")
+            paper = sorted((r["bands"], r["paper_speedup"]) for r in sub if r.get("paper_speedup"))
+            if paper:
+                ax.plot(*zip(*paper), "k*", ms=10, label="paper: distrifusion")
+            ax.set_xticks(gpus)
+            ax.set_title(f"{px}x{px}, {link} ({sub[0]['bandwidth_gbps']:g} GB/s)", fontsize=9)
+            ax.set_xlabel("GPUs")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel("predicted speed-up")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{rows[0].get('model', '')}: MODELLED multi-GPU speed-up (not measured)")
     _save(fig, plt, path)
 
 

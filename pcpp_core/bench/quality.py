@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from typing import Callable
 
 import torch
 
@@ -44,11 +45,12 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(4.0 / mse))
 
 
-def sample(model_fn, unet_cond: torch.Tensor, null: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor,
-           args: argparse.Namespace) -> torch.Tensor:
-    uncond = null.expand_as(unet_cond)
+def sample(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], cond: torch.Tensor,
+           null: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """The final sample x_0 [n, C, H, W] of one Euler run with CFG batched as [cond; uncond]."""
+    uncond = null.expand_as(cond)
     with torch.inference_mode():
-        return euler_sample(cfg_eps(model_fn, unet_cond, uncond, args.cfg), noise, alphas, args.steps)
+        return euler_sample(cfg_eps(model_fn, cond, uncond, args.cfg), noise, alphas, args.steps)
 
 
 def _modes(args: argparse.Namespace) -> list[tuple[str, float | None]]:
