@@ -185,8 +185,8 @@ class Engine:
             for g, group in enumerate(groups):
                 a, kw = (cpu_args, cpu_kwargs) if len(groups) == 1 else _batch_slice(
                     (cpu_args, cpu_kwargs), x.shape[0], g * per, (g + 1) * per)
-                req = CallRequest(a, kw, slot, self.patch, group)
-                messages.update({r: ("call", req) for r in group})
+                msg = ("call", CallRequest(a, kw, slot, self.patch, group))
+                messages.update({r: msg for r in group})  # one object per group: pickled once
             t0 = time.perf_counter()
             replies = self.pool.request(messages)
             seconds = time.perf_counter() - t0

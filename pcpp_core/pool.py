@@ -159,9 +159,11 @@ class WorkerPool:
             raise WorkerError("the pool is not running")
         try:
             self._check_exits("idle")
+            blobs: dict[int, bytes] = {}  # a group's workers share one request object: pickle it once
             for rank, msg in messages.items():
+                blob = blobs.get(id(msg)) or blobs.setdefault(id(msg), pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
                 try:
-                    self._conns[rank].send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+                    self._conns[rank].send_bytes(blob)
                 except OSError as e:
                     raise WorkerError(f"cannot be reached ({e})", rank=rank) from e
             return self._gather(list(messages), timeout or self.config.call_timeout_s, messages[next(iter(messages))][0])
