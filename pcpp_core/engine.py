@@ -116,7 +116,7 @@ class Engine:
         """Start a sampling run: stale buffers and warm-up counters begin again."""
         self.patch = patch
         self.stats = RunStats(patch.mode.value, patch.fraction, 0, self.pool_config.devices)
-        self._run_size: tuple[int, int] | None = None  # latent rows x cols, fixed by the run's first call
+        self._run_size = None  # latent rows x cols, fixed by the run's first call
         if self.pool.started and self._version is not None:
             self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
 
@@ -142,23 +142,18 @@ class Engine:
         log.info("model %s (%s, %d downsamplings) sent to %d workers in %.2f s",
                  version[:12], plan.family, self._levels, self.pool.size, time.perf_counter() - t0)
 
-    def levels(self, model: nn.Module) -> int:
-        return find_plan(model).levels(model)
-
     def check_shape(self, model: nn.Module, height: int, width: int, batch_chunks: int = 1) -> Bands:
         """Bands for a latent of this size, or ConfigError naming the smallest valid size."""
-        return Bands.split(height, width, self._group_size(batch_chunks), self.levels(model))
+        bands = len(self._groups(batch_chunks, batch_chunks)[0])  # one image per chunk: the smallest batch
+        return Bands.split(height, width, bands, find_plan(model).levels(model))
 
     def _groups(self, batch: int, batch_chunks: int) -> list[tuple[int, ...]]:
-        ranks = tuple(range(self.pool.size))
-        if self.patch.cfg_split and batch_chunks == 2 and batch % 2 == 0 and len(ranks) % 2 == 0 and len(ranks) >= 2:
+        """Global ranks per device group: two halves for a cond+uncond batch with cfg_split."""
+        ranks = tuple(range(self.pool_config.world_size))
+        if self.patch.cfg_split and batch_chunks == 2 and batch % 2 == 0 and len(ranks) % 2 == 0:
             half = len(ranks) // 2
             return [ranks[:half], ranks[half:]]
         return [ranks]
-
-    def _group_size(self, batch_chunks: int) -> int:
-        n = self.pool_config.world_size
-        return n // 2 if self.patch.cfg_split and batch_chunks == 2 and n % 2 == 0 else n
 
     # -- one evaluation -------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, *args: Any, slot: Hashable = None,
