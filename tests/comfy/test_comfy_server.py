@@ -153,10 +153,10 @@ def outputs_of(server: Server, entry: dict) -> tuple[list[Path], list[dict]]:
 
 
 def test_object_info_lists_both_nodes_with_their_inputs(object_info):
-    for node_id, display, extra in (("PCPPKSampler", "PCPP KSampler", ("model", "seed", "steps", "cfg", "sampler_name",
-                                                                       "scheduler", "positive", "negative",
-                                                                       "latent_image", "denoise")),
-                                    ("PCPPParallelModel", "PCPP Parallel Model", ("model",))):
+    ksampler = ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
+                "denoise")
+    for node_id, display, extra in (("PCPPKSampler", "PCPP KSampler (multi-GPU)", ksampler),
+                                    ("PCPPParallelModel", "PCPP Parallel Model (multi-GPU)", ("model",))):
         info = object_info[node_id]
         assert info["display_name"] == display and info["category"] == "sampling/pcpp"
         required = info["input"]["required"]
@@ -172,6 +172,26 @@ def test_object_info_lists_both_nodes_with_their_inputs(object_info):
         assert (required["cfg_split"][0], required["cfg_split"][1]["default"]) == ("BOOLEAN", False)
     assert object_info["PCPPKSampler"]["output"] == ["LATENT"]
     assert object_info["PCPPParallelModel"]["output"] == ["MODEL"]
+
+
+def test_the_log_names_the_pack_version_once_at_load(server):
+    from pcpp_core.version import __version__  # the one pyproject.toml equals (tests/unit/test_pyproject.py)
+
+    lines = [l for l in server.tail(100_000).splitlines() if "ComfyUI-PCPP" in l and " loaded" in l]
+    assert len(lines) == 1 and f"ComfyUI-PCPP {__version__} loaded" in lines[0], lines
+
+
+def test_node_search_finds_the_nodes_by_what_users_type(object_info):
+    """The front end searches name, display_name and search_aliases; ComfyUI sends aliases where its V3
+    Schema has them (0.33.0; v0.8.0 has none, there the display names carry "multi-GPU" and "Parallel")."""
+    has_aliases = "search_aliases" in (Path(COMFYUI_PATH) / "comfy_api" / "latest" / "_io.py").read_text()
+    for node_id in ("PCPPKSampler", "PCPPParallelModel"):
+        info = object_info[node_id]
+        assert "multi-GPU" in info["display_name"]
+        if has_aliases:
+            assert {"multi-GPU", "parallel", "patch parallel", "DistriFusion"} <= set(info["search_aliases"])
+        else:
+            assert "search_aliases" not in info
 
 
 def test_bad_fraction_is_rejected_naming_it_and_the_server_serves_the_next_prompt(server):
