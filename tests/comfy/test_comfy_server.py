@@ -291,6 +291,23 @@ def test_template_browser_lists_each_ui_workflow_once_with_its_thumbnail_and_no_
             assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff", name
 
 
+def test_help_pages_are_served_where_the_front_end_looks(server, object_info):
+    """The front end (1.49.6) reads a custom node's help from /extensions/<pack>/docs/<node id>.md, <pack>
+    from python_module "custom_nodes.<pack>", and resolves the page's relative images against that folder."""
+    for node_id in ("PCPPKSampler", "PCPPParallelModel"):
+        module = object_info[node_id]["python_module"]
+        assert module.startswith("custom_nodes."), module
+        base = f"{server.url}/extensions/{module.split('.')[1].split('@')[0]}/docs"
+        with urllib.request.urlopen(f"{base}/{node_id}.md", timeout=30) as r:
+            page = r.read().decode()
+        assert page.startswith(f"# {object_info[node_id]['display_name']}\n"), page[:80]
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
+        assert images, f"{node_id}.md shows no picture"
+        for src in images:
+            with urllib.request.urlopen(f"{base}/{src}", timeout=30) as r:
+                assert r.headers["Content-Type"] == "image/png" and r.read(4) == b"\x89PNG", src
+
+
 def test_workflow_files_match_their_generator():
     sys.path.insert(0, str(WORKFLOWS))
     try:
