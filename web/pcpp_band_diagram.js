@@ -271,6 +271,12 @@ function addDiagram(node) {
   });
   widget.serialize = false;
   state.widget = widget;
+  // the front end sets the element's width (node resized, side panel opened) without always redrawing
+  // the canvas: a redraw lets fitHeight measure the content at the new width
+  state.resized = new ResizeObserver(() => {
+    if (root.clientWidth !== state.width) node.setDirtyCanvas?.(true, true);
+  });
+  state.resized.observe(root);
   root.addEventListener("click", (e) => onClick(node, state, e));
   for (const name of WATCHED) {
     const w = node.widgets?.find((x) => x.name === name);
@@ -318,6 +324,7 @@ app.registerExtension({
       if (this.pcppDiagram) render(this, this.pcppDiagram);
     });
     chain(nodeType.prototype, "onRemoved", function () {
+      this.pcppDiagram?.resized?.disconnect();
       this.pcppDiagram = null; // the DOM widget removes its element; drop our references
     });
   },

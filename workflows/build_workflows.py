@@ -118,7 +118,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "VAEDecode": (210, 46),
     "SaveImage": (315, 270),
     "PCPPKSampler": (460, 600),
-    "PCPPParallelModel": (460, 350),
+    "PCPPParallelModel": (460, 360),
     "CFGGuider": (315, 98),
     "KSamplerSelect": (315, 58),
     "BasicScheduler": (315, 106),

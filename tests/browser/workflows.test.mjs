@@ -1,5 +1,6 @@
-// The shipped UI workflows, opened as a user opens them: from ComfyUI's template browser, in a real
-// browser against a real ComfyUI with the pack loaded (needs: see comfy_browser.mjs).
+// What a user meets first, in a real browser against a real ComfyUI with the pack loaded (needs:
+// see comfy_browser.mjs): the node search, the nodes' help pages, and the shipped UI workflows opened
+// from ComfyUI's template browser.
 //
 //   COMFYUI_PATH=$HOME/.cache/pcpp-comfyui/ComfyUI node --test tests/browser/workflows.test.mjs
 //
@@ -19,8 +20,9 @@ const UI_WORKFLOWS = readdirSync(join(ROOT, "workflows")).filter((f) => f.endsWi
   .map((f) => f.slice(0, -".json".length)).sort();
 const WORKFLOWS = process.env.PCPP_WORKFLOW ? [process.env.PCPP_WORKFLOW] : UI_WORKFLOWS;
 
-// requests that fail without the pack being at fault: the optional core template index, the internet
-const IGNORED = /\/templates\/index[.\w]*\.json|^https?:\/\/(?!127\.0\.0\.1)/;
+// requests that fail without the pack being at fault: the optional core template index, the internet,
+// and the help page's per-locale variant (docs/<node>/<locale>.md), which the front end tries first
+const IGNORED = /\/templates\/index[.\w]*\.json|^https?:\/\/(?!127\.0\.0\.1)|\/docs\/PCPP\w+\/[\w-]+\.md$/;
 
 const reason = await missing();
 
@@ -79,7 +81,7 @@ function misfits({ nodes, diagrams }) {
   return out;
 }
 
-describe("the shipped workflows in ComfyUI's front end", { skip: reason ?? false }, () => {
+describe("search, help pages and the shipped workflows in ComfyUI's front end", { skip: reason ?? false }, () => {
   let comfy;
   let browser;
   let page;
@@ -92,7 +94,7 @@ describe("the shipped workflows in ComfyUI's front end", { skip: reason ?? false
       .nodes.filter((n) => n.type === "CheckpointLoaderSimple").map((n) => n.widgets_values[0]));
     comfy = await startComfy({ checkpoints: [...new Set(names)] });
     browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
-    page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+    page = await browser.newPage({ viewport: { width: 2200, height: 1100 } }); // the widest workflow at a zoom with text
     page.on("pageerror", (e) => problems.push(e.message));
     page.on("console", (m) => {
       const text = `${m.type()}: ${m.text()} (${m.location().url})`;
@@ -113,6 +115,52 @@ describe("the shipped workflows in ComfyUI's front end", { skip: reason ?? false
   test("the template listing names each UI workflow once and no API file", async () => {
     const listing = await (await fetch(`${comfy.url}/api/workflow_templates`)).json();
     assert.deepEqual([...listing[PACK_NAME]].sort(), UI_WORKFLOWS);
+  });
+
+  test("the node search finds both nodes by what users type", async () => {
+    for (const query of ["multi-GPU", "parallel", "patch parallel", "DistriFusion"]) {
+      await page.evaluate(() => window.app.extensionManager.command.execute("Workspace.SearchBox.Toggle"));
+      const box = page.locator("input:focus");
+      await box.waitFor();
+      await box.fill(query);
+      // the first two results, by display name
+      await page.waitForFunction(() => document.querySelectorAll('[role="option"]').length >= 2, null, { timeout: 10_000 });
+      const top = await page.evaluate(() => [...document.querySelectorAll('[role="option"]')].slice(0, 2)
+        .map((e) => e.innerText.split("\n")[0].trim()).sort());
+      assert.deepEqual(top, ["PCPP KSampler (multi-GPU)", "PCPP Parallel Model (multi-GPU)"], `searching "${query}"`);
+      await page.keyboard.press("Escape");
+    }
+  });
+
+  test("each node's help page opens in the node's Info panel, with its picture", async () => {
+    problems.length = 0; // from here on: what opening the help does
+    for (const type of ["PCPPKSampler", "PCPPParallelModel"]) {
+      const at = await page.evaluate((type) => {
+        const { app, LiteGraph } = window;
+        app.graph.clear();
+        const node = LiteGraph.createNode(type);
+        node.pos = [100, 100];
+        app.graph.add(node);
+        app.canvas.setDirty(true, true);
+        const rect = app.canvas.canvas.getBoundingClientRect();
+        const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + 60, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);
+        return [rect.left + x, rect.top + y]; // on its title bar
+      }, type);
+      await page.waitForTimeout(300); // drawn once
+      await page.mouse.click(at[0], at[1]); // select it, as a user does
+      const panel = page.getByRole("button", { name: "Toggle properties panel" });
+      if (!(await page.getByText("Info", { exact: true }).isVisible())) await panel.click();
+      await page.getByText("Info", { exact: true }).click();
+      const title = await page.evaluate((type) => window.LiteGraph.registered_node_types[type].title, type);
+      const help = page.locator(".node-help-content");
+      await help.locator("h1").filter({ hasText: title }).waitFor({ timeout: 15_000 });
+      const img = help.locator('img[src*="/docs/img/"]').first();
+      await img.waitFor();
+      await page.waitForFunction((e) => e.complete, await img.elementHandle());
+      assert.ok(await img.evaluate((e) => e.naturalWidth > 100), `${type}: the picture did not load`);
+    }
+    await page.getByRole("button", { name: "Toggle properties panel" }).click();
+    assert.deepEqual(problems, []);
   });
 
   for (const name of WORKFLOWS) {
