@@ -71,8 +71,9 @@ function misfits({ nodes, diagrams }) {
       out.push(`diagram of node ${d.node}: no such node`);
       continue;
     }
-    if (d.scrollHeight > d.clientHeight + 1) out.push(`#${d.node} at width ${n.w}: content ${d.scrollHeight} px tall in a ${d.clientHeight} px box`);
-    if (d.scrollWidth > d.clientWidth + 1) out.push(`#${d.node} at width ${n.w}: content ${d.scrollWidth} px wide in a ${d.clientWidth} px box`);
+    const at = `#${d.node} at width ${n.w}`;
+    if (d.scrollHeight > d.clientHeight + 1) out.push(`${at}: content ${d.scrollHeight} px tall in a ${d.clientHeight} px box`);
+    if (d.scrollWidth > d.clientWidth + 1) out.push(`${at}: content ${d.scrollWidth} px wide in a ${d.clientWidth} px box`);
     const b = d.box;
     if (b.x < n.x - 1 || b.y < n.y - 1 || b.x + b.w > n.x + n.w + 1 || b.y + b.h > n.y + n.h + 1) {
       out.push(`#${d.node}: diagram box ${JSON.stringify(b)} outside its node ${JSON.stringify(n)}`);
