@@ -172,6 +172,12 @@ describe("search, help pages and the shipped workflows in ComfyUI's front end", 
       await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
       const card = page.locator(`[data-testid="template-workflow-${name}"]`);
       await card.waitFor({ state: "visible", timeout: 60_000 });
+      // its thumbnail, <name>.jpg beside the workflow, loads (the browser shows a placeholder otherwise)
+      // its thumbnail (fetched, shown as a blob: URL) is <name>.jpg, 256 px square, not a placeholder
+      const thumb = card.locator('[data-testid="thumbnail-content"] img').first();
+      await thumb.waitFor({ timeout: 15_000 });
+      await page.waitForFunction((e) => e.complete && e.naturalWidth > 0, await thumb.elementHandle(), { timeout: 15_000 });
+      assert.deepEqual(await thumb.evaluate((e) => [e.naturalWidth, e.naturalHeight]), [256, 256]);
       await card.click();
       const expected = await (await fetch(`${comfy.url}/api/workflow_templates/${PACK_NAME}/${name}.json`)).json();
       await page.waitForFunction((n) => window.app.graph.nodes.length === n, expected.nodes.length, { timeout: 30_000 });
