@@ -15,6 +15,16 @@ from pcpp_core import ConfigError
 from .hook import MAX_FRACTION, MODES, PCPPSettings, apply_pcpp, remove_pcpp, resolve_devices
 
 CATEGORY = "sampling/pcpp"
+# what users type into the node search (front end: name, display_name, search_aliases)
+SEARCH_ALIASES = ["multi-GPU", "multi GPU", "multiple GPUs", "parallel", "patch parallel", "patch parallelism",
+                  "DistriFusion", "PCPP", "distributed sampling"]
+
+
+def schema(**fields: Any) -> io.Schema:
+    """io.Schema, with search_aliases where ComfyUI's V3 Schema has the field (0.33.0 does, v0.8.0 does not)."""
+    if "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {}):
+        fields["search_aliases"] = SEARCH_ALIASES
+    return io.Schema(**fields)
 
 
 def engine_inputs() -> list[io.Input]:
@@ -61,12 +71,12 @@ def check_devices(devices: Any) -> bool | str:
 class PCPPKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="PCPPKSampler",
-            display_name="PCPP KSampler",
+            display_name="PCPP KSampler (multi-GPU)",
             category=CATEGORY,
-            description="KSampler that splits each denoising step into horizontal bands across several "
-                        "devices (Partially Conditioned Patch Parallelism).",
+            description="Multi-GPU KSampler: splits each denoising step into horizontal bands, one per GPU "
+                        "(Partially Conditioned Patch Parallelism, a patch-parallel method after DistriFusion).",
             inputs=[
                 io.Model.Input("model", tooltip="The model used for denoising the input latent."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
@@ -127,12 +137,13 @@ def off_stats(settings: PCPPSettings, samples: torch.Tensor) -> dict[str, Any]:
 class PCPPParallelModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="PCPPParallelModel",
-            display_name="PCPP Parallel Model",
+            display_name="PCPP Parallel Model (multi-GPU)",
             category=CATEGORY,
             description="Makes every sampler that uses this model (KSamplerAdvanced, SamplerCustomAdvanced, "
-                        "third-party samplers) split each denoising step across several devices.",
+                        "third-party samplers) split each denoising step across several GPUs in bands "
+                        "(patch parallelism, PCPP / DistriFusion).",
             inputs=[io.Model.Input("model", tooltip="The model to run in parallel."), *engine_inputs()],
             outputs=[io.Model.Output(tooltip="A copy of the model that samples in parallel; the input is unchanged.")],
         )

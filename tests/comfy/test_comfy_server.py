@@ -1,6 +1,6 @@
 """Headless ComfyUI (--cpu, loopback) with the pack in custom_nodes: what a user and a script see.
 
-The server runs the example workflows from workflows/ through POST /prompt. Model files are
+The server runs the example workflows from workflows/api/ through POST /prompt. Model files are
 the random-weight ones from the ComfyUI test setup, linked under the names the workflows use;
 the SDXL workflow gets the SD1.5-architecture file under the SDXL name (a random SDXL with its
 CLIP-G is several GB), which still runs its graph, cfg_split included. Sizes and step counts are
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.comfy
 
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")  # conftest skips every test here when it is unusable
-WORKFLOWS = REPO / "workflows"
-API_WORKFLOWS = sorted(WORKFLOWS.glob("*.api.json"))
-UI_WORKFLOWS = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
+WORKFLOWS = REPO / "workflows"  # UI format: ComfyUI's template browser lists workflows/*.json
+API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.api.json"))  # POST /prompt bodies, not listed
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 COMFY_HOME = Path(os.environ.get("PCPP_COMFYUI_HOME", Path(COMFYUI_PATH or ".").resolve().parent))
 RANDOM_CHECKPOINT = COMFY_HOME / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
 ENGINE_INPUTS = ("devices", "neighbour_fraction", "mode", "warmup_steps", "cfg_split")
@@ -153,10 +153,10 @@ def outputs_of(server: Server, entry: dict) -> tuple[list[Path], list[dict]]:
 
 
 def test_object_info_lists_both_nodes_with_their_inputs(object_info):
-    for node_id, display, extra in (("PCPPKSampler", "PCPP KSampler", ("model", "seed", "steps", "cfg", "sampler_name",
-                                                                       "scheduler", "positive", "negative",
-                                                                       "latent_image", "denoise")),
-                                    ("PCPPParallelModel", "PCPP Parallel Model", ("model",))):
+    ksampler = ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
+                "denoise")
+    for node_id, display, extra in (("PCPPKSampler", "PCPP KSampler (multi-GPU)", ksampler),
+                                    ("PCPPParallelModel", "PCPP Parallel Model (multi-GPU)", ("model",))):
         info = object_info[node_id]
         assert info["display_name"] == display and info["category"] == "sampling/pcpp"
         required = info["input"]["required"]
@@ -174,8 +174,28 @@ def test_object_info_lists_both_nodes_with_their_inputs(object_info):
     assert object_info["PCPPParallelModel"]["output"] == ["MODEL"]
 
 
+def test_the_log_names_the_pack_version_once_at_load(server):
+    from pcpp_core.version import __version__  # the one pyproject.toml equals (tests/unit/test_pyproject.py)
+
+    lines = [l for l in server.tail(100_000).splitlines() if "ComfyUI-PCPP" in l and " loaded" in l]
+    assert len(lines) == 1 and f"ComfyUI-PCPP {__version__} loaded" in lines[0], lines
+
+
+def test_node_search_finds_the_nodes_by_what_users_type(object_info):
+    """The front end searches name, display_name and search_aliases; ComfyUI sends aliases where its V3
+    Schema has them (0.33.0; v0.8.0 has none, there the display names carry "multi-GPU" and "Parallel")."""
+    has_aliases = "search_aliases" in (Path(COMFYUI_PATH) / "comfy_api" / "latest" / "_io.py").read_text()
+    for node_id in ("PCPPKSampler", "PCPPParallelModel"):
+        info = object_info[node_id]
+        assert "multi-GPU" in info["display_name"]
+        if has_aliases:
+            assert {"multi-GPU", "parallel", "patch parallel", "DistriFusion"} <= set(info["search_aliases"])
+        else:
+            assert "search_aliases" not in info
+
+
 def test_bad_fraction_is_rejected_naming_it_and_the_server_serves_the_next_prompt(server):
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
     bad = copy.deepcopy(graph)
     bad["3"]["inputs"]["neighbour_fraction"] = -1.0
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -206,7 +226,7 @@ def test_api_workflow_runs_in_parallel(server, path):
 
 
 def test_cancel_stops_the_run_and_the_next_prompt_starts_clean(server):
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
     graph["3"]["inputs"]["steps"] = 500  # far longer than the test waits
     prompt_id = server.call("/prompt", {"prompt": graph})["prompt_id"]
     deadline = time.monotonic() + 120
@@ -220,14 +240,14 @@ def test_cancel_stops_the_run_and_the_next_prompt_starts_clean(server):
     assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
     last_run = json.loads(server.log.read_text(errors="replace").split("PCPP run: ")[-1].splitlines()[0])
     assert 0 < last_run["calls"] < 500  # the hook saw the run stop part-way
-    entry = server.run(small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
+    entry = server.run(small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
     assert entry["status"]["status_str"] == "success", why(entry)
     [stats] = outputs_of(server, entry)[1]
     assert stats["fallback"] is None and stats["calls"] == 3  # one batched cond+uncond call per step, counted afresh
 
 
 def test_devices_auto_without_gpus_runs_plain_and_says_so(server):
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=None)
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=None)
     assert graph["3"]["inputs"]["devices"] == "auto"
     entry = server.run(graph)
     assert entry["status"]["status_str"] == "success", why(entry)
@@ -258,6 +278,36 @@ def test_workflow_file_parses_and_its_node_types_exist(object_info, path):
         assert all(i["link"] in link_ids for i in node["inputs"]), f"{node['type']}: dangling input link"
 
 
+def test_template_browser_lists_each_ui_workflow_once_with_its_thumbnail_and_no_api_file(server):
+    """What the front end's template browser asks: the listing, each workflow, its <name>.jpg thumbnail."""
+    listing = server.call("/api/workflow_templates")
+    names = listing.get("ComfyUI-PCPP", [])
+    assert sorted(names) == sorted(p.stem for p in UI_WORKFLOWS), listing
+    assert not any("api" in n for n in names)
+    for name in names:
+        graph = server.call(f"/api/workflow_templates/ComfyUI-PCPP/{name}.json")
+        assert graph["nodes"] and graph["links"], f"{name}.json is no UI-format graph"
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/ComfyUI-PCPP/{name}.jpg", timeout=30) as r:
+            assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff", name
+
+
+def test_help_pages_are_served_where_the_front_end_looks(server, object_info):
+    """The front end (1.49.6) reads a custom node's help from /extensions/<pack>/docs/<node id>.md, <pack>
+    from python_module "custom_nodes.<pack>", and resolves the page's relative images against that folder."""
+    for node_id in ("PCPPKSampler", "PCPPParallelModel"):
+        module = object_info[node_id]["python_module"]
+        assert module.startswith("custom_nodes."), module
+        base = f"{server.url}/extensions/{module.split('.')[1].split('@')[0]}/docs"
+        with urllib.request.urlopen(f"{base}/{node_id}.md", timeout=30) as r:
+            page = r.read().decode()
+        assert page.startswith(f"# {object_info[node_id]['display_name']}\n"), page[:80]
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
+        assert images, f"{node_id}.md shows no picture"
+        for src in images:
+            with urllib.request.urlopen(f"{base}/{src}", timeout=30) as r:
+                assert r.headers["Content-Type"] == "image/png" and r.read(4) == b"\x89PNG", src
+
+
 def test_workflow_files_match_their_generator():
     sys.path.insert(0, str(WORKFLOWS))
     try:
@@ -266,7 +316,7 @@ def test_workflow_files_match_their_generator():
         sys.path.remove(str(WORKFLOWS))
     for name, graph in build_workflows.WORKFLOWS.items():
         assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == build_workflows.ui_format(graph)
-        assert json.loads((WORKFLOWS / f"{name}.api.json").read_text()) == build_workflows.api_format(graph)
+        assert json.loads((WORKFLOWS / "api" / f"{name}.api.json").read_text()) == build_workflows.api_format(graph)
 
 
 def _worker_pids(server: Server) -> list[int]:
@@ -288,7 +338,7 @@ def _worker_pids(server: Server) -> list[int]:
 def test_killed_worker_fails_the_prompt_naming_the_rank_and_the_next_prompt_succeeds(server):
     import signal
 
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
     graph["3"]["inputs"]["steps"] = 500
     prompt_id = server.call("/prompt", {"prompt": graph})["prompt_id"]
     deadline = time.monotonic() + 120
@@ -305,7 +355,7 @@ def test_killed_worker_fails_the_prompt_naming_the_rank_and_the_next_prompt_succ
     message = why(entry)
     assert "WorkerError" in message and re.search(r"worker rank \d: died", message), message
     assert server.call("/system_stats")  # the server keeps serving
-    entry = server.run(small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
+    entry = server.run(small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
     assert entry["status"]["status_str"] == "success", why(entry)
     [stats] = outputs_of(server, entry)[1]
     assert stats["fallback"] is None and stats["bands"] == 2
