@@ -271,3 +271,37 @@ def test_nothing_named_pcpp_remains_after_sigterm_or_after_sigkill_and_the_next_
         stop(again, signal.SIGTERM)
     assert pcpp_entries(killed.tmp) == []
     assert not [n for n in pcpp_entries("/dev/shm") if f"-{killed.proc.pid}-" in n or f"-{again.proc.pid}-" in n]
+
+
+# -- one copy per GPU, in process: ComfyUI's real model management on the CPU ----------------
+
+from test_comfy_sampling import inputs, pcpp, sample, unet  # noqa: E402,F401  (fixtures and helpers)
+
+
+def test_offload_unloads_the_hosts_loaded_copy_through_comfyui(comfy, unet):
+    delivery = comfy.hook.delivery
+    mm = comfy.model_management
+    mm.load_models_gpu([unet])
+    assert any(lm.model.model is unet.model for lm in mm.current_loaded_models)
+    assert delivery.offload_host_copy(unet) is True
+    assert not any(lm.model.model is unet.model for lm in mm.current_loaded_models)
+    assert delivery.offload_host_copy(unet) is False  # nothing loaded any more
+
+
+def test_a_run_that_shares_the_hosts_gpu_samples_on_the_offload_device(comfy, unet, inputs, monkeypatch):
+    """Forced on the CPU (load and offload device are both the CPU): the wiring, not the memory."""
+    ref = sample(comfy, unet, inputs)
+    seen = []
+    real = comfy.hook.delivery.host_device_for_run
+
+    def spy(patcher, devices):
+        seen.append((patcher.load_device, devices))
+        monkeypatch.setattr(comfy.hook.delivery, "host_copy_must_go", lambda host, workers: True)
+        return real(patcher, devices)
+
+    monkeypatch.setattr(comfy.hook.delivery, "host_device_for_run", spy)
+    model, hook = pcpp(comfy, unet, mode="sync")
+    rel_close(sample(comfy, model, inputs), ref)
+    assert seen and seen[0][1] == ("cpu", "cpu")
+    assert hook.last_stats["weights_on"] == ["cpu", "cpu", "cpu (host)"] and hook.last_stats["fallback"] is None
+    assert model.load_device == unet.load_device  # restored after the run
