@@ -140,10 +140,10 @@ class Engine:
         else:
             version = hashlib.sha1(f"{id(model)}:{type(model).__qualname__}:{weights.base_key!r}".encode()).hexdigest()
         if version != self._version or not self.pool.started:
-            find_plan(model)  # refuse unsupported models before any work, even a pool start
+            plan = find_plan(model)  # refuse unsupported models before any work, even a pool start
             self.start()
             self._send_base(model, version, weights.base_tensors() if weights is not None else {},
-                            "new model" if self._version is None else "new base model")
+                            f"{plan.family}, {'new model' if self._version is None else 'new base model'}")
         patches_key = weights.patches_key if weights is not None else None
         if patches_key != self._patches_key:
             self._send_patches(weights if patches_key is not None else None)
@@ -162,9 +162,8 @@ class Engine:
         self._version, self._patches_key = version, None  # a fresh copy carries no patches
         self.model_loads += 1
         self.stats.model_bytes_sent += nbytes
-        log.info("model %s (%s, %d downsamplings) sent to %d workers in %.2f s: %s, %d bytes through %s",
-                 version[:12], find_plan(model).family, self._levels, self.pool.size, time.perf_counter() - t0,
-                 why, nbytes, stage)
+        log.info("model %s (%s, %d downsamplings) sent to %d workers in %.2f s: %d bytes through %s",
+                 version[:12], why, self._levels, self.pool.size, time.perf_counter() - t0, nbytes, stage)
 
     def _send_patches(self, weights: WeightSource | None) -> None:
         """Each worker restores its base weights and applies this patch set (None: base only)."""
