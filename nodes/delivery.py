@@ -41,10 +41,15 @@ def weight_source(patcher: Any) -> WeightSource | None:
     (hook patches, which change per conditioning, or weights stored through set_/convert_ functions):
     then the engine sends the whole model as it is, which is right, only bigger."""
     base = getattr(patcher, "model", None)
-    if base is None or getattr(patcher, "hook_patches", None) or getattr(patcher, "current_hooks", None) is not None:
+    if base is None:
+        return None
+    if getattr(patcher, "hook_patches", None) or getattr(patcher, "current_hooks", None) is not None:
+        log.info("PCPP: the model has hook patches; the workers get the whole patched model on each change")
         return None
     patches = {k[len(PREFIX):]: v for k, v in getattr(patcher, "patches", {}).items() if k.startswith(PREFIX) and v}
     if patches and _has_custom_setters(base, patches):
+        log.info("PCPP: weights stored through set_/convert_ functions (quantized ops); the workers get the whole "
+                 "patched model on each change")
         return None
     token = base.__dict__.get(_TOKEN)
     if token is None:  # one per loaded checkpoint: ComfyUI changes its weights only through patches
