@@ -227,29 +227,39 @@ def test_a_dev_shm_smaller_than_the_model_is_not_used(root, lora_server):
     assert pcpp_entries(lora_server.tmp), "the pool's rendezvous dir lives in the server's TMPDIR"
 
 
-def test_too_small_staging_dir_fails_the_prompt_naming_it_and_the_server_serves_on(root):
-    if UNSHARE:
-        pytest.skip(UNSHARE)
+@pytest.fixture(scope="module")
+def tiny_stage_server(root):
+    """PCPP_STAGING_DIR on a 1 MB tmpfs (where unshare is permitted; else a plain server)."""
     stage = root.path / "tiny-stage"
     stage.mkdir()
-    srv = start_server(root.path, "tiny", {"PCPP_STAGING_DIR": str(stage)},
-                       f"{SMALL_SHM} && mount -t tmpfs -o size=1m pcpp-test-stage {stage}")
-    try:
-        entry = srv.run(graph(None, stock=False))
-        assert entry["status"]["status_str"] == "error"
-        message = why(entry)
-        assert "StagingError" in message and str(stage) in message and "PCPP_STAGING_DIR" in message, message
-        assert "bytes" in message
-        assert srv.call("/system_stats")
-        g = graph(None, seed=13)
-        del g["pcpp"], g["save_pcpp"]  # plain ComfyUI still samples
-        entry = srv.run(g)
-        assert entry["status"]["status_str"] == "success", why(entry)
-    finally:
-        stop(srv)
+    if UNSHARE:
+        srv = start_server(root.path, "tiny", {})
+    else:
+        srv = start_server(root.path, "tiny", {"PCPP_STAGING_DIR": str(stage)},
+                           f"{SMALL_SHM} && mount -t tmpfs -o size=1m pcpp-test-stage {stage}")
+    srv.stage = stage
+    yield srv
+    stop(srv)
 
 
-def test_nothing_named_pcpp_remains_after_sigterm_or_after_sigkill_and_the_next_start(root, lora_server):
+def test_too_small_staging_dir_fails_the_prompt_naming_it_and_the_server_serves_on(tiny_stage_server):
+    if UNSHARE:
+        pytest.skip(UNSHARE)
+    srv, stage = tiny_stage_server, tiny_stage_server.stage
+    entry = srv.run(graph(None, stock=False))
+    assert entry["status"]["status_str"] == "error"
+    message = why(entry)
+    assert "StagingError" in message and str(stage) in message and "PCPP_STAGING_DIR" in message, message
+    assert "bytes" in message
+    assert srv.call("/system_stats")
+    g = graph(None, seed=13)
+    del g["pcpp"], g["save_pcpp"]  # plain ComfyUI still samples
+    entry = srv.run(g)
+    assert entry["status"]["status_str"] == "success", why(entry)
+
+
+def test_nothing_named_pcpp_remains_after_sigterm_or_after_sigkill_and_the_next_start(root, lora_server,
+                                                                                      tiny_stage_server):
     tmp = lora_server.tmp
     shm = f"/proc/{lora_server.proc.pid}/root/dev/shm"
     assert pcpp_entries(tmp), "a pool is running: its rendezvous dir exists"
@@ -258,8 +268,9 @@ def test_nothing_named_pcpp_remains_after_sigterm_or_after_sigkill_and_the_next_
     assert lora_server.proc.returncode is not None
     assert pcpp_entries(tmp) == [], pcpp_entries(tmp)
 
-    killed = start_server(root.path, "killed", {}, None if UNSHARE else SMALL_SHM)
-    run_ok(killed, graph(None, seed=14, stock=False))
+    killed = tiny_stage_server
+    if not pcpp_entries(killed.tmp):  # no PCPP prompt ran there yet: start its pool (the prompt may fail)
+        killed.run(graph(None, seed=14, stock=False))
     left = pcpp_entries(killed.tmp)
     stop(killed, signal.SIGKILL)
     assert left and pcpp_entries(killed.tmp) == left  # SIGKILL: no handler runs, the dir stays...
