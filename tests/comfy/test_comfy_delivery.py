@@ -316,3 +316,22 @@ def test_a_run_that_shares_the_hosts_gpu_samples_on_the_offload_device(comfy, un
     assert seen and seen[0][1] == ("cpu", "cpu")
     assert hook.last_stats["weights_on"] == ["cpu", "cpu", "cpu (host)"] and hook.last_stats["fallback"] is None
     assert model.load_device == unet.load_device  # restored after the run
+
+
+def test_a_first_run_with_a_lora_sends_the_unpatched_base_from_comfyuis_backups(comfy, unet, inputs):
+    """The host's weights are patched in place while sampling: the base must come from the backups,
+    or the workers would apply the patch twice."""
+    plain_ref = sample(comfy, unet, inputs)
+    patched = unet.clone()
+    key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    weight = unet.model.state_dict()[key]
+    patched.add_patches({key: (torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)) * 0.05,)}, 1.0)
+    ref = sample(comfy, patched, inputs)
+    unet.model.__dict__.pop(comfy.hook.delivery._TOKEN, None)  # a base model the workers have not seen
+    model, hook = pcpp(comfy, patched, mode="sync")
+    rel_close(sample(comfy, model, inputs), ref)
+    model_bytes = sum(t.numel() * t.element_size() for t in unet.model.diffusion_model.state_dict().values())
+    assert hook.last_stats["model_bytes_sent"] > model_bytes  # base + patch
+    model, hook = pcpp(comfy, unet, mode="sync")
+    rel_close(sample(comfy, model, inputs), plain_ref)
+    assert hook.last_stats["model_bytes_sent"] == 0  # dropping the patch: the workers restore their backups
