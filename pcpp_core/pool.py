@@ -55,7 +55,7 @@ class WorkerPool:
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
         self._dir: str | None = None
-        self.workdir: str | None = None  # private directory the engine may put files in
+        self.workdir: str | None = None  # the pool's private directory (rendezvous); model files go to the staging dir
 
     @property
     def size(self) -> int:

@@ -18,7 +18,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, Mapping
+from typing import Callable, Hashable, Iterator, Mapping
 
 import torch
 from torch import nn

@@ -1,7 +1,6 @@
 """Base weights once, weight patches applied in the workers, restored exactly; model_bytes_sent."""
 from __future__ import annotations
 
-import pickle
 
 import pytest
 import torch

@@ -78,3 +78,11 @@ def test_signals_remove_private_dirs_and_chain_to_the_previous_handler(tmp_path,
     out = proc.communicate(timeout=30)[0]
     assert proc.returncode == code and says in out
     assert not os.listdir(tmp_path)
+
+
+def test_pool_config_staging_dir_must_be_a_path():
+    from pcpp_core import ConfigError, PoolConfig
+
+    assert PoolConfig(staging_dir="/data/pcpp").staging_dir == "/data/pcpp"
+    with pytest.raises(ConfigError, match="staging_dir=5"):
+        PoolConfig(staging_dir=5)
