@@ -25,8 +25,11 @@ import comfy.cli_args
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-from pcpp_core import ConfigError, Engine, Mode, PatchConfig, PoolConfig, find_plan, parse_devices, shared_engine
+from pcpp_core import (ConfigError, Engine, Mode, PatchConfig, PoolConfig, StagingError, find_plan, parse_devices,
+                       shared_engine)
+from pcpp_core.staging import install_cleanup
 
+from . import delivery
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
 
 log = logging.getLogger("pcpp.nodes")
@@ -35,6 +38,7 @@ MODES = (*(m.value for m in Mode), "off")  # off: plain ComfyUI sampling, a node
 MAX_FRACTION = 2.0  # the widget's range; 1 = whole neighbouring bands
 TIMEOUT_ENV = "PCPP_CALL_TIMEOUT_S"
 _WRAPPERS = comfy.patcher_extension.WrappersMP
+install_cleanup()  # staging dirs go on SIGTERM/SIGINT too: set here, in ComfyUI's main thread (prompts run in another)
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,10 @@ class RunState:
     fallback: str | None = None
     plain_calls: int = 0
     plain_seconds: float = 0.0
+    host_device: str = "cpu"  # where the host's copy of the diffusion model is during this run
+    model_bytes_sent: int = 0  # weights sent before a fallback dropped the engine
     _evals: dict[Hashable, int] = field(default_factory=dict)
+    _weights: Any = False  # the run's delivery.weight_source, computed on first use (False: not yet)
 
     def fall_back(self, reason: str) -> None:
         """From now on this run samples plainly; said once in the log and in the node's stats."""
@@ -132,6 +139,7 @@ class RunState:
             done = len(self.engine.stats.calls) if self.engine is not None else 0
             self.fallback = f"{reason} (after {done} parallel model calls)" if done else reason
             reason = self.fallback
+            self.model_bytes_sent = self.engine.stats.model_bytes_sent if self.engine is not None else 0
             log.warning("PCPP: running plain ComfyUI sampling instead of mode=%s: %s", self.settings.mode, reason)
         self.engine = None
 
@@ -161,6 +169,12 @@ class RunState:
         hooks = getattr(self.patcher, "current_hooks", None)
         return f"{getattr(base, 'current_weight_patches_uuid', None)}:{id(hooks) if hooks is not None else None}"
 
+    def weights(self) -> Any:
+        """Base + patches for the engine (None: the whole model as it is, keyed by weights_tag)."""
+        if self._weights is False:
+            self._weights = delivery.weight_source(self.patcher) if self.patcher is not None else None
+        return self._weights
+
     def plain(self, run_model: Callable[[], torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()
         out = run_model()
@@ -172,12 +186,14 @@ class RunState:
         """The stats the node shows: the engine's, or the plain calls' when it fell back."""
         if self.fallback is None and self.engine is not None:
             stats = self.engine.stats.summary()
+            stats["weights_on"] = [*stats["weights_on"], f"{self.host_device} (host)"]
         else:
             calls = self.plain_calls
             stats = {"mode": self.settings.mode, "fraction": float(self.settings.neighbour_fraction), "bands": 1,
                      "devices": list(self.devices), "calls": calls,
                      "seconds_per_call": self.plain_seconds / calls if calls else 0.0,
-                     "bytes_per_call": 0, "bytes_per_call_warmup": 0}
+                     "bytes_per_call": 0, "bytes_per_call_warmup": 0, "model_bytes_sent": self.model_bytes_sent,
+                     "weights_on": [f"{self.host_device} (host)"]}
         stats["height"], stats["width"] = (self.shape[2], self.shape[3]) if len(self.shape) == 4 else (0, 0)
         stats["fallback"] = self.fallback
         return stats
@@ -210,6 +226,11 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     hook: PCPPHook = guider.model_options["transformer_options"][HOOK_KEY]
     diffusion_model = getattr(guider.model_patcher.model, "diffusion_model", None)
     run = start_run(hook.settings, diffusion_model, tuple(noise.shape), guider.model_patcher)
+    patcher, load_device = guider.model_patcher, guider.model_patcher.load_device
+    moved = delivery.host_device_for_run(patcher, run.devices) if run.engine is not None else None
+    if moved is not None:  # one copy per GPU: the host samples on the offload device (see ARCHITECTURE.md)
+        patcher.load_device = moved
+    run.host_device = str(patcher.load_device)
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN_KEY] = run
@@ -218,6 +239,7 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
                         disable_pbar, seed, **kwargs)
     finally:
         guider.model_options = original
+        patcher.load_device = load_device
         hook.last_stats = run.summary()
         log.info("PCPP run: %s", json.dumps(hook.last_stats))
 
@@ -244,7 +266,9 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     try:
         return run.engine(executor.class_obj, x, timesteps, context=context, y=y, control=control,
                           transformer_options=clean, slot=run.next_slot(composition), batch_chunks=chunks,
-                          model_key=run.weights_tag(), **kwargs)
+                          model_key=run.weights_tag(), weights=run.weights(), **kwargs)
+    except StagingError:  # the machine's staging dir, not this run's inputs: the prompt fails naming it
+        raise
     except ConfigError as e:  # e.g. weights patched on the fly (lowvram), an area-conditioning crop too small
         run.fall_back(str(e))
         return run.plain(host)

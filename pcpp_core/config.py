@@ -121,6 +121,7 @@ class PoolConfig:
     start_timeout_s: float = 120.0
     threads_per_worker: int | None = None  # CPU workers: torch threads each (default: cores / workers)
     env: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # extra environment for workers
+    staging_dir: str = ""  # where model files are staged for the workers; $PCPP_STAGING_DIR wins, "" = temp dir
 
     def __post_init__(self) -> None:
         devs = self.devices
@@ -137,6 +138,8 @@ class PoolConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
                 raise ConfigError(f"{name}={v!r} must be a positive number of seconds")
+        if not isinstance(self.staging_dir, str):
+            raise ConfigError(f"staging_dir={self.staging_dir!r} must be a directory path (or '' for the temp dir)")
         t = self.threads_per_worker
         if t is not None and (not isinstance(t, int) or t < 1):
             raise ConfigError(f"threads_per_worker={t!r} must be a positive integer or None")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from .geometry import Bands
 from .plans import find_plan
 from .pool import WorkerPool
 from .runner import CallRequest, CallStats, map_tensors
+from .staging import make_private_dir, remove_dir, staging_root
+from .weights import WeightSource, stage_model
 
 log = logging.getLogger("pcpp.engine")
 
@@ -66,6 +67,8 @@ class RunStats:
     bands: int = 0
     devices: tuple[str, ...] = ()
     calls: list[StepRecord] = field(default_factory=list)
+    model_bytes_sent: int = 0  # weights and weight patches sent to the workers during this run (per worker)
+    weights_on: tuple[str, ...] = ()  # devices holding a copy of the weights (the host adds its own)
 
     def summary(self) -> dict[str, Any]:
         calls = self.calls
@@ -80,6 +83,8 @@ class RunStats:
             "bytes_per_call": max((max(c.bytes_sent.values(), default=0) for c in steady), default=0),
             "bytes_per_call_warmup": max((max(c.bytes_sent.values(), default=0) for c in calls if c.synchronous),
                                          default=0),
+            "model_bytes_sent": self.model_bytes_sent,
+            "weights_on": list(self.weights_on or self.devices),
         }
 
 
@@ -92,6 +97,7 @@ class Engine:
         self.patch = PatchConfig()
         self.stats = RunStats()
         self._version: str | None = None
+        self._patches_key: Hashable = None  # the weight patch set the workers have applied
         self._levels = 0
         self._run_size: tuple[int, int] | None = None
         self.model_loads = 0  # how many times a model version was sent to the workers
@@ -105,12 +111,12 @@ class Engine:
         reports it as a WorkerError naming the rank, and the call after that starts afresh.
         """
         if not self.pool.started:
-            self._version = None
+            self._version, self._patches_key = None, None
             self.pool.start()
 
     def shutdown(self) -> None:
         self.pool.shutdown()
-        self._version = None
+        self._version, self._patches_key = None, None
 
     def new_run(self, patch: PatchConfig) -> None:
         """Start a sampling run: stale buffers and warm-up counters begin again."""
@@ -121,26 +127,57 @@ class Engine:
             self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
 
     # -- model ----------------------------------------------------------------------------
-    def load(self, model: nn.Module, model_key: Hashable = None) -> None:
-        """Send `model` to the workers unless this version is already there (see model_version)."""
-        version = model_version(model, model_key)
-        if version == self._version and self.pool.started:
-            return
-        plan = find_plan(model)  # refuse unsupported models before any work, even a pool start
-        self.start()
-        path = os.path.join(self.pool.workdir, f"model-{version[:12]}.pt")
+    def load(self, model: nn.Module, model_key: Hashable = None, weights: WeightSource | None = None) -> None:
+        """Send `model` to the workers unless this version is already there.
+
+        Without `weights` the version is model_version(model, model_key): any change of the
+        weights sends the whole model. With `weights` the base model is sent once per
+        `weights.base_key` (unpatched: `weights.base_tensors()` replaces the values the host has
+        patched in place), and a new `weights.patches_key` sends only the patch description.
+        """
+        if weights is None:
+            version = model_version(model, model_key)
+        else:
+            version = hashlib.sha1(f"{id(model)}:{type(model).__qualname__}:{weights.base_key!r}".encode()).hexdigest()
+        if version != self._version or not self.pool.started:
+            plan = find_plan(model)  # refuse unsupported models before any work, even a pool start
+            self.start()
+            self._send_base(model, version, weights.base_tensors() if weights is not None else {},
+                            f"{plan.family}, {'new model' if self._version is None else 'new base model'}")
+        patches_key = weights.patches_key if weights is not None else None
+        if patches_key != self._patches_key:
+            self._send_patches(weights if patches_key is not None else None)
+
+    def _send_base(self, model: nn.Module, version: str, base: dict, why: str) -> None:
+        """Stage the (unpatched) model as a file in the staging dir; every worker maps it."""
         t0 = time.perf_counter()
-        torch.save(model, path)
+        stage = make_private_dir(staging_root(self.pool_config.staging_dir), "stage")
         try:
+            path, nbytes = stage_model(model, base, stage, f"model-{version[:12]}.pt")
             replies = self.pool.request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
                                         timeout=max(self.pool_config.call_timeout_s, 600))
         finally:
-            os.unlink(path)  # the workers keep their mappings; the name is no longer needed
+            remove_dir(stage)  # the workers keep their mappings; the name is no longer needed
         self._levels = replies[0]["levels"]
-        self._version = version
+        self._version, self._patches_key = version, None  # a fresh copy carries no patches
         self.model_loads += 1
-        log.info("model %s (%s, %d downsamplings) sent to %d workers in %.2f s",
-                 version[:12], plan.family, self._levels, self.pool.size, time.perf_counter() - t0)
+        self.stats.model_bytes_sent += nbytes
+        log.info("model %s (%s, %d downsamplings) sent to %d workers in %.2f s: %d bytes through %s",
+                 version[:12], why, self._levels, self.pool.size, time.perf_counter() - t0, nbytes, stage)
+
+    def _send_patches(self, weights: WeightSource | None) -> None:
+        """Each worker restores its base weights and applies this patch set (None: base only)."""
+        t0 = time.perf_counter()
+        payload = None
+        if weights is not None:
+            payload = {"key": weights.patches_key, "applier": weights.applier, "data": weights.patches()}
+        replies = self.pool.request({r: ("patch", payload) for r in range(self.pool.size)},
+                                    timeout=max(self.pool_config.call_timeout_s, 600))
+        nbytes = len(payload["data"]) if payload else 0
+        self._patches_key = None if weights is None else weights.patches_key
+        self.stats.model_bytes_sent += nbytes
+        log.info("weight patches sent to %d workers in %.2f s: patch change, %d bytes, %d weights patched",
+                 self.pool.size, time.perf_counter() - t0, nbytes, replies[0])
 
     def check_shape(self, model: nn.Module, height: int, width: int, batch_chunks: int = 1) -> Bands:
         """Bands for a latent of this size, or ConfigError naming the smallest valid size."""
@@ -157,18 +194,19 @@ class Engine:
 
     # -- one evaluation -------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, *args: Any, slot: Hashable = None,
-                 batch_chunks: int = 1, model_key: Hashable = None, **kwargs: Any) -> torch.Tensor:
+                 batch_chunks: int = 1, model_key: Hashable = None, weights: WeightSource | None = None,
+                 **kwargs: Any) -> torch.Tensor:
         """`model(x, *args, **kwargs)` computed on bands; returns the full output on x's device.
 
         `slot` names the call slot (e.g. the cond/uncond composition, and which evaluation of
         the step): stale buffers never cross slots. `batch_chunks=2` says the batch is two
         equal halves (cond, uncond) that cfg_split may put on two device groups. `model_key`
-        joins the model's fingerprint (model_version).
+        joins the model's fingerprint (model_version); `weights` sends base + patches instead (load).
         """
         if x.dim() != 4:
             raise ConfigError(f"x must be a latent [B, C, H, W]; got shape {tuple(x.shape)}")
         with self._lock:
-            self.load(model, model_key)
+            self.load(model, model_key, weights)
             self._check_run_size(x)
             groups = self._groups(x.shape[0], batch_chunks)
             Bands.split(x.shape[2], x.shape[3], len(groups[0]), self._levels)  # refuse before sending

@@ -3,7 +3,7 @@
 Each worker is `python -m pcpp_core.worker` started through subprocess and connected back over
 a multiprocessing Listener on 127.0.0.1 with a per-pool random authkey (sent on the worker's
 stdin), so no one else on the machine can talk to a worker or feed it a pickle. The process
-group meets through a FileStore in a 0700 temporary directory: no rendezvous socket at all.
+group meets through a FileStore in a 0700 temporary directory (staging.py): no rendezvous socket at all.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 from .config import PoolConfig
 from .errors import WorkerError
+from .staging import make_private_dir, remove_dir, staging_root, sweep_stale
 
 log = logging.getLogger("pcpp.pool")
 
@@ -39,12 +39,6 @@ def _shutdown_all() -> None:
 
 
 atexit.register(_shutdown_all)
-
-
-def private_dir(prefix: str) -> str:
-    """A 0700 directory, in shared memory when the machine has it (tmpfs: files there are RAM)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
 def control_listener(authkey: bytes) -> Listener:
@@ -61,7 +55,7 @@ class WorkerPool:
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
         self._dir: str | None = None
-        self.workdir: str | None = None  # private directory the engine may put files in
+        self.workdir: str | None = None  # the pool's private directory (rendezvous); model files go to the staging dir
 
     @property
     def size(self) -> int:
@@ -84,7 +78,8 @@ class WorkerPool:
         if self._procs:
             return
         cfg = self.config
-        self._dir = private_dir("pcpp-pool-")
+        sweep_stale([tempfile.gettempdir(), staging_root(cfg.staging_dir)])  # left by hosts killed outright
+        self._dir = make_private_dir(tempfile.gettempdir(), "pool")  # the rendezvous only: a few bytes
         self.workdir = self._dir
         authkey = secrets.token_bytes(32)
         listener = control_listener(authkey)
@@ -223,6 +218,6 @@ class WorkerPool:
             log.info("pool stopped (pids %s)", self.pids)
         self._procs, self._conns = [], []
         if self._dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            remove_dir(self._dir)
             self._dir = self.workdir = None
         _LIVE_POOLS.discard(self)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .exchange import torch_p2p
 from .runner import BandRunner, CallRequest, map_tensors
+from .weights import PatchedWeights
 
 log = logging.getLogger("pcpp.worker")
 
@@ -46,6 +47,7 @@ class Worker:
         self.device = torch.device(boot["device"])
         self.runner: BandRunner | None = None
         self.version: str | None = None
+        self.weights: PatchedWeights | None = None
         self.hang_on_call = os.environ.get("PCPP_TEST_HANG_RANK") == str(self.rank)  # test hook
 
     def init_distributed(self, boot: dict[str, Any]) -> None:
@@ -63,9 +65,19 @@ class Worker:
     def op_load(self, payload: dict[str, Any]) -> dict[str, Any]:
         model = torch.load(payload["path"], mmap=True, weights_only=False, map_location=self.device)
         model.eval().requires_grad_(False)
+        self.weights = PatchedWeights(model)  # by the host's names, before the plan wraps modules
         self.runner = BandRunner(model, self.rank)  # applies the plan
         self.version = payload["version"]
         return {"version": self.version, "levels": self.runner.levels}
+
+    def op_patch(self, payload: dict[str, Any] | None) -> int:
+        """Restore the base weights, then apply the host's patch set (None: stay on the base)."""
+        if self.weights is None:
+            raise RuntimeError("no model loaded")
+        if payload is None:
+            self.weights.restore()
+            return 0
+        return self.weights.apply(payload["key"], payload["applier"], payload["data"])
 
     def op_reset(self, payload: Any) -> None:
         if self.runner is not None:
@@ -85,7 +97,8 @@ class Worker:
         return os.getpid()
 
     def serve(self, conn) -> None:
-        handlers = {"load": self.op_load, "reset": self.op_reset, "call": self.op_call, "ping": self.op_ping}
+        handlers = {"load": self.op_load, "reset": self.op_reset, "call": self.op_call, "ping": self.op_ping,
+                    "patch": self.op_patch}
         while True:
             try:
                 op, payload = pickle.loads(conn.recv_bytes())
