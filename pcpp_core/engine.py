@@ -125,12 +125,12 @@ class Engine:
         not stopped as idle until end_run(), however long the host pauses between calls."""
         with self._lock:
             self._cancel_idle_timer()
-            self._active = True
             self.patch = patch
             self.stats = RunStats(patch.mode.value, patch.fraction, 0, self.pool_config.devices)
             self._run_size = None  # latent rows x cols, fixed by the run's first call
             if self.pool.started and self._version is not None:
-                self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
+                self.pool.request({r: ("reset", None) for r in range(self.pool.size)})  # failed: pool stopped
+            self._active = True
 
     def end_run(self) -> None:
         """The sampling run is over (finished, cancelled or failed): the idle clock starts."""
