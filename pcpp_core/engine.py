@@ -157,13 +157,17 @@ class Engine:
 
     # -- one evaluation -------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, *args: Any, slot: Hashable = None,
-                 batch_chunks: int = 1, model_key: Hashable = None, **kwargs: Any) -> torch.Tensor:
+                 batch_chunks: int = 1, model_key: Hashable = None, step: int | None = None,
+                 **kwargs: Any) -> torch.Tensor:
         """`model(x, *args, **kwargs)` computed on bands; returns the full output on x's device.
 
         `slot` names the call slot (e.g. the cond/uncond composition, and which evaluation of
         the step): stale buffers never cross slots. `batch_chunks=2` says the batch is two
         equal halves (cond, uncond) that cfg_split may put on two device groups. `model_key`
-        joins the model's fingerprint (model_version).
+        joins the model's fingerprint (model_version). `step` is the sampler step of the call
+        (slots.SlotTracker gives slot and step from the sigma): warm-up counts steps; without
+        it, the slot's first `warmup_steps` calls are the warm-up. A slot's first call is always
+        synchronous.
         """
         if x.dim() != 4:
             raise ConfigError(f"x must be a latent [B, C, H, W]; got shape {tuple(x.shape)}")
@@ -180,7 +184,7 @@ class Engine:
             for g, group in enumerate(groups):
                 a, kw = (cpu_args, cpu_kwargs) if len(groups) == 1 else _batch_slice(
                     (cpu_args, cpu_kwargs), x.shape[0], g * per, (g + 1) * per)
-                msg = ("call", CallRequest(a, kw, slot, self.patch, group))
+                msg = ("call", CallRequest(a, kw, slot, self.patch, group, step))
                 messages.update({r: msg for r in group})  # one object per group: pickled once
             t0 = time.perf_counter()
             replies = self.pool.request(messages)
