@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import PatchConfig, PoolConfig
-from .errors import ConfigError
+from .errors import ConfigError, WorkerError
 from .geometry import Bands
 from .plans import find_plan
 from .pool import WorkerPool
@@ -132,8 +132,8 @@ class Engine:
         t0 = time.perf_counter()
         torch.save(model, path)
         try:
-            replies = self.pool.request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
-                                        timeout=max(self.pool_config.call_timeout_s, 600))
+            replies = self._request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
+                                    timeout=max(self.pool_config.call_timeout_s, 600))
         finally:
             os.unlink(path)  # the workers keep their mappings; the name is no longer needed
         self._levels = replies[0]["levels"]
@@ -187,7 +187,7 @@ class Engine:
                 msg = ("call", CallRequest(a, kw, slot, self.patch, group, step))
                 messages.update({r: msg for r in group})  # one object per group: pickled once
             t0 = time.perf_counter()
-            replies = self.pool.request(messages)
+            replies = self._request(messages)
             seconds = time.perf_counter() - t0
             out = self._assemble(replies, groups, x, per)
             stats: list[CallStats] = [s for _, s in replies.values()]
@@ -195,6 +195,23 @@ class Engine:
             self.stats.calls.append(StepRecord(seconds, {s.rank: s.bytes_sent for s in stats},
                                                stats[0].synchronous, {s.rank: s.seconds for s in stats}))
             return out
+
+    def _request(self, messages: dict[int, Any], timeout: float | None = None) -> dict[int, Any]:
+        """pool.request; after a worker's ConfigError, every rank drops its run state (a bounded
+        wait for in-flight transfers) so the pool can serve the next call, or the pool stops."""
+        try:
+            return self.pool.request(messages, timeout)
+        except ConfigError:
+            if self.pool.started:
+                try:
+                    clean = self.pool.request({r: ("reset", {"timeout_s": 5.0}) for r in range(self.pool.size)})
+                    if not all(clean.values()):
+                        log.warning("a worker's transfers did not finish after a configuration error; "
+                                    "stopping the pool (it restarts on the next call)")
+                        self.pool.kill()
+                except WorkerError as e:  # the pool is stopped already
+                    log.warning("resetting the workers after a configuration error failed: %s", e)
+            raise
 
     def _check_run_size(self, x: torch.Tensor) -> None:
         """One latent size per sampling run. The batch may change between calls (ComfyUI runs

@@ -91,10 +91,11 @@ class BandRunner:
         self.levels = self.plan.levels(self.model)
         apply_plan(self.model, self.plan, self.exchange)
 
-    def reset(self) -> None:
-        """A new sampling run: forget every slot, counter and stale buffer."""
-        self.exchange.reset()
+    def reset(self, timeout: float | None = None) -> bool:
+        """A new sampling run: forget every slot, counter and stale buffer. False when in-flight
+        transfers did not finish within `timeout` seconds (see Exchange.reset)."""
         self._slots.clear()
+        return self.exchange.reset(timeout)
 
     def run(self, req: CallRequest, transport: Callable[[tuple[int, ...]], Transport]) -> tuple[torch.Tensor, CallStats]:
         """One evaluation on this worker's band; `transport(group)` talks to the group's ranks."""

@@ -7,11 +7,15 @@ any other slot runs the real engine.
 - "frozen":         buffers frozen after warm-up: every stale call reuses the last synchronous data
 - "gn_uncorrected": GroupNorm with the stale total statistics, without the own fresh-minus-stale correction
 - "kv_own_stale":   self-attention with its own band's K/V from the previous call instead of fresh
+
+And one failure: "config_error_rank1" makes rank 1 alone raise a ConfigError before its first
+exchange, so rank 0 stays blocked waiting for it.
 """
 from __future__ import annotations
 
 import torch
 
+from pcpp_core.errors import ConfigError
 from pcpp_core.exchange import Exchange
 from pcpp_core.layers import attention as attention_mod
 from pcpp_core.layers import groupnorm as groupnorm_mod
@@ -30,6 +34,8 @@ _run = BandRunner.run
 
 def run(self, req, transport):
     _active[0] = req.slot if req.slot in MUTANTS else None
+    if req.slot == "config_error_rank1" and self.rank == 1:
+        raise ConfigError("rank 1 refuses this call (test mutant)")
     return _run(self, req, transport)
 
 

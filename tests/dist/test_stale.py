@@ -2,12 +2,11 @@
 stale halos, corrected stale GroupNorm, own K/V fresh and neighbour K/V stale, per call slot.
 Mutants of the stale maths (tests/dist/mutants.py) must fail the same comparison."""
 import math
-import os
 
 import pytest
 import torch
 
-from pcpp_core import Engine, PatchConfig, PoolConfig
+from pcpp_core import PatchConfig
 from pcpp_core.reference import StaleReference
 from pcpp_core.slots import SlotTracker
 from conftest import inputs, plain
@@ -15,7 +14,7 @@ from pcpp_samplers import SAMPLERS, karras, position
 
 pytestmark = pytest.mark.dist
 ATOL = 1e-5  # fp32 round-off
-CALLS = 6  # one synchronous warm-up call, then five stale ones
+CALLS = 5  # one synchronous warm-up call, then four stale ones
 MODES = {"pcpp-0.3": ("pcpp", 0.3), "pcpp-1": ("pcpp", 1.0), "distrifusion": ("distrifusion", 0.3)}
 
 
@@ -36,8 +35,11 @@ def compare_calls(engine, model, kind, n, cfg, slot="s", batch=1, calls=CALLS):
     return diff, stale_effect
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("n", [2, 3])  # 3 bands on 32 rows, 2 levels: 8/12/12
+# 3 bands on 32 rows, 2 levels: 8/12/12 (uneven; f=1 then differs from distrifusion)
+CASES = [(2, "pcpp-0.3"), (3, "pcpp-0.3"), (3, "pcpp-1"), (3, "distrifusion")]
+
+
+@pytest.mark.parametrize("n, mode", CASES)
 @pytest.mark.parametrize("kind", ["comfy", "diffusers"])
 def test_stale_calls_equal_the_stale_reference(engines, models, kind, n, mode, record_property):
     name, fraction = MODES[mode]
@@ -81,26 +83,18 @@ def sample_both(engine, model, sampler, sigmas, cfg, n=2):
     return diff, stale, effect
 
 
-@pytest.mark.parametrize("warmup", [1, 2])
-@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_eta0.5", "dpmpp_sde",
-                                     "euler_pag"])
+@pytest.mark.parametrize("sampler, warmup", [("heun", 1), ("heun", 2), ("dpmpp_2s_ancestral", 1),
+                                             ("dpmpp_2s_ancestral_eta0.5", 2), ("dpmpp_sde", 1), ("dpmpp_sde", 2),
+                                             ("euler_pag", 1), ("euler_pag", 2)])
 def test_multi_evaluation_samplers_keep_each_evaluation_in_its_slot(engines, models, sampler, warmup,
                                                                     record_property):
     cfg = PatchConfig(mode="pcpp", fraction=0.3, warmup_steps=warmup)
-    diff, stale, effect = sample_both(engines[2], models["comfy"], SAMPLERS[sampler], karras(5), cfg)
+    diff, stale, effect = sample_both(engines[2], models["comfy"], SAMPLERS[sampler], karras(4), cfg)
     record_property("max_abs_diff", diff)
     print(f"{sampler} warmup {warmup}: max |engine - reference| = {diff:.3g} over {stale} stale calls")
     assert stale >= 4
     assert diff < ATOL
     assert effect > 1e-2
-
-
-@pytest.fixture(scope="module")
-def mutant_engine():
-    engine = Engine(PoolConfig(devices=("cpu", "cpu"), threads_per_worker=1, call_timeout_s=120,
-                               env=(("PCPP_WORKER_PRELOAD", "mutants"),)))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.mark.parametrize("mutant", ["frozen", "gn_uncorrected", "kv_own_stale"])
