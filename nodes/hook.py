@@ -33,7 +33,7 @@ from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, uns
 log = logging.getLogger("pcpp.nodes")
 
 MODES = (*(m.value for m in Mode), "off")  # off: plain ComfyUI sampling, a node-level choice
-MAX_FRACTION = 2.0  # the widget's range; 1 = whole neighbouring bands
+MAX_FRACTION = 2.0  # the widget's range, in the band's own height: 1 = as many rows of each neighbour as the band has (the whole neighbour when bands are even)
 TIMEOUT_ENV = "PCPP_CALL_TIMEOUT_S"
 _WRAPPERS = comfy.patcher_extension.WrappersMP
 
@@ -54,7 +54,8 @@ class PCPPSettings:
         f = self.neighbour_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= MAX_FRACTION:
             raise ConfigError(f"neighbour_fraction={f!r} is out of range: use 0 (own band only) to "
-                              f"{MAX_FRACTION:g} (1 = whole neighbouring bands)")
+                              f"{MAX_FRACTION:g}, in units of the band's own height (1 = as many rows of each "
+                              "neighbour as the band has: the whole neighbour when bands are even)")
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")

@@ -37,7 +37,7 @@ class PatchConfig:
     """How one sampling run is split; may change between runs without restarting the pool."""
 
     mode: Mode = Mode.PCPP
-    fraction: float = 0.3  # neighbour rows, in band heights, each side of a band (pcpp only)
+    fraction: float = 0.3  # neighbour rows each side, in units of the band's own height (pcpp only)
     warmup_steps: int = 4  # leading sampler steps (calls of a slot, without steps) run synchronously
     cfg_split: bool = False  # run cond and uncond halves of a batch on two device groups
     fresh_activations: bool = False  # verification: exchange synchronously every call, keep the window
@@ -50,7 +50,8 @@ class PatchConfig:
         if math.isnan(f) or f < 0 or f > MAX_FRACTION:
             raise ConfigError(
                 f"fraction={f!r} is out of range: use 0 (own band only) to {MAX_FRACTION:g} "
-                "(1 = whole neighbouring bands; >= the band count covers the image)"
+                "in units of the band's own height (1 = as many rows of each neighbour as the band has: the "
+                "whole neighbour when bands are even; >= the band count covers the image)"
             )
         object.__setattr__(self, "fraction", float(f))
         w = self.warmup_steps
