@@ -227,6 +227,7 @@ class StaleReference:
         record: dict[Key, torch.Tensor] = {}
         seen: dict[str, int] = {}
         hooks = []
+        bands = self.bands_for(args[0])
 
         def hook(name: str):
             def fn(module: nn.Module, inputs: tuple) -> None:
@@ -234,7 +235,7 @@ class StaleReference:
                 seen[name] = n + 1
                 t = inputs[0]
                 if t.dim() == 3:  # attention tokens [B, N, C] -> [B, rows, cols, C]
-                    rows, cols = self.bands_for(args[0]).level_size(_level_of(self.bands_for(args[0]), t.shape[1]))
+                    rows, cols = bands.level_size(_level_of(bands, t.shape[1]))
                     t = t.reshape(t.shape[0], rows, cols, -1)
                 record[(name, n)] = t.detach().clone()
             return fn

@@ -73,8 +73,10 @@ def cut_spatial(obj: Any, bands: Bands, band: int) -> Any:
 
 
 def _synchronize(device: torch.device) -> None:
+    """Wait for the compute stream only: the stale exchange's transfers, on NCCL's own streams,
+    stay in flight behind the next call."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass
