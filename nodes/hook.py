@@ -33,7 +33,7 @@ from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, uns
 log = logging.getLogger("pcpp.nodes")
 
 MODES = (*(m.value for m in Mode), "off")  # off: plain ComfyUI sampling, a node-level choice
-MAX_FRACTION = 2.0  # the widget's range, in the band's own height: 1 = as many rows of each neighbour as the band has (the whole neighbour when bands are even)
+MAX_FRACTION = 2.0  # the widget's range, in units of the band's own height (see PCPPSettings)
 TIMEOUT_ENV = "PCPP_CALL_TIMEOUT_S"
 _WRAPPERS = comfy.patcher_extension.WrappersMP
 
