@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import PCPPError, WorkerError
 from .exchange import torch_p2p
 from .runner import BandRunner, CallRequest, map_tensors
 from .weights import PatchedWeights
@@ -79,9 +80,11 @@ class Worker:
             return 0
         return self.weights.apply(payload["key"], payload["applier"], payload["data"])
 
-    def op_reset(self, payload: Any) -> None:
-        if self.runner is not None:
-            self.runner.reset()
+    def op_reset(self, payload: Any) -> bool:
+        """Forget the run's state; payload {"timeout_s": s} bounds the wait for in-flight transfers
+        (after an error). Returns whether the exchange state is clean."""
+        timeout = (payload or {}).get("timeout_s")
+        return self.runner.reset(timeout) if self.runner is not None else True
 
     def op_call(self, req: CallRequest):
         if self.runner is None:
@@ -109,6 +112,9 @@ class Worker:
                 return
             try:
                 reply = ("ok", handlers[op](payload))
+            except PCPPError as e:  # a configuration problem found here (not a crash): the host falls back
+                status = "error" if isinstance(e, WorkerError) else "config"
+                reply = (status, f"{type(e).__name__}: {e}", traceback.format_exc())
             except BaseException as e:  # reported to the host, which decides what survives
                 reply = ("error", f"{type(e).__name__}: {e}", traceback.format_exc())
             conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
