@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .exchange import torch_p2p
+from .exchange import measure_p2p, torch_p2p
 from .runner import BandRunner, CallRequest, map_tensors
 
 log = logging.getLogger("pcpp.worker")
@@ -84,8 +84,13 @@ class Worker:
     def op_ping(self, payload: Any) -> int:
         return os.getpid()
 
+    def op_p2p(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """The doctor's transfer test; every rank gets it at once (see exchange.measure_p2p)."""
+        return measure_p2p(self.rank, self.world, self.device, payload["nbytes"], payload["repeats"])
+
     def serve(self, conn) -> None:
         handlers = {"load": self.op_load, "reset": self.op_reset, "call": self.op_call, "ping": self.op_ping}
+        handlers["p2p"] = self.op_p2p  # the doctor's transfer test
         while True:
             try:
                 op, payload = pickle.loads(conn.recv_bytes())
