@@ -217,7 +217,8 @@ def check_overhead(s: Setup) -> Check:
     limit = OVERHEAD_LIMIT_S + comp
     ok = overhead <= limit
     detail = (f"host {eng * 1e3:.0f} ms/call vs slowest worker compute {comp * 1e3:.0f} ms: overhead "
-              f"{overhead * 1e3:.0f} ms (limit {limit * 1e3:.0f} ms); one process {one * 1e3:.0f} ms/call, "
+              f"{overhead * 1e3:.0f} ms (limit {limit * 1e3:.0f} ms); one process ({torch.get_num_threads()} thread(s)) "
+              f"{one * 1e3:.0f} ms/call, "
               f"engine on {s.bands} band(s) {one / eng:.2f}x of it (naive mode, median of {len(engine)})")
     hint = None if ok else ("each call costs far more on the host than on the workers: a loaded machine, swapping, "
                             "or slow pipes; run again on an idle machine, then " + BUG_REPORT)
@@ -263,7 +264,12 @@ def run_checks(devices: tuple[str, ...], size: int, calls: int, dtype: torch.dty
     after discovery or the worker start fails (they need both)."""
     done: list[Check] = []
 
+    clock = [time.perf_counter()]
+
     def add(check: Check) -> None:
+        now = time.perf_counter()
+        check.data.setdefault("seconds", round(now - clock[0], 2))
+        clock[0] = now
         done.append(check)
         report(check)
 
@@ -276,9 +282,13 @@ def run_checks(devices: tuple[str, ...], size: int, calls: int, dtype: torch.dty
         return done
     cuda = devices[0].startswith("cuda")
     dtype = dtype or (torch.float16 if cuda else torch.float32)
+    threads = max(1, facts.cpu_count // len(devices))
     setup = Setup(Engine(PoolConfig(devices=devices, call_timeout_s=120, start_timeout_s=120,
-                                    threads_per_worker=None if cuda else max(1, facts.cpu_count // len(devices)))),
+                                    threads_per_worker=None if cuda else threads)),
                   torch.device(devices[0]), dtype, size, calls)
+    host_threads = torch.get_num_threads()
+    if not cuda:  # one process computes with what one worker has: on a busy machine more threads only wait
+        torch.set_num_threads(threads)
     try:
         for name, fn in ENGINE_CHECKS.items():
             if name != "workers" and not done[1].passed:
@@ -287,6 +297,7 @@ def run_checks(devices: tuple[str, ...], size: int, calls: int, dtype: torch.dty
             add(_guarded(name, fn, setup))
     finally:
         setup.engine.shutdown()
+        torch.set_num_threads(host_threads)
     return done
 
 
@@ -342,7 +353,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--devices", default="auto", help="cuda:0,cuda:1 | auto (every visible GPU) | cpu:N")
     p.add_argument("--json", action="store_true", help="JSON lines as checks finish; the last line is the verdict")
     p.add_argument("--size", type=int, default=64, help="image rows and columns of the built-in model's test calls")
-    p.add_argument("--calls", type=int, default=3, help="model calls per check")
+    p.add_argument("--calls", type=int, default=2, help="model calls per check")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default="auto",
                    help="auto = fp16 on GPUs, fp32 on CPUs; fp32 on GPUs tells precision from a bug")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress and tracebacks to stderr")
