@@ -108,7 +108,8 @@ def check_workers(s: Setup) -> Check:
     s.engine.load(s.unet)
     t2 = time.perf_counter()
     cfg = s.engine.pool_config
-    return Check("workers", True, f"{s.bands} {cfg.backend} worker(s) started in {t1 - t0:.1f} s, built-in model "
+    threads = "" if s.device.type == "cuda" else f" x {cfg.worker_threads()} thread(s)"
+    return Check("workers", True, f"{s.bands} {cfg.backend} worker(s){threads} started in {t1 - t0:.1f} s, built-in model "
                  f"({mb:.1f} MB {str(s.dtype).removeprefix('torch.')}) loaded in {t2 - t1:.1f} s",
                  data={"start_s": t1 - t0, "load_s": t2 - t1, "pids": s.engine.pool.pids})
 
@@ -121,19 +122,23 @@ def check_p2p(s: Setup) -> Check:
     replies = s.engine.pool.request({r: ("p2p", {"nbytes": nbytes, "repeats": repeats}) for r in range(s.bands)})
     rows = sorted((row for rank_rows in replies.values() for row in rank_rows), key=lambda r: (r["src"], r["dst"]))
     devs = s.engine.pool_config.devices
-    name = (lambda r: f"{devs[r]}") if cuda else (lambda r: f"rank {r}")
-    speed = ", ".join(f"{r['src']}->{r['dst']} {r['gbps']:.2f}" for r in rows)
-    bad = [f"{name(r['src'])}->{name(r['dst'])}" for r in rows if not r["correct"]]
+    name = (lambda r: devs[r]) if cuda else str  # CPU workers: ranks
+    pair = lambda r: f"{name(r['src'])}->{name(r['dst'])}"  # noqa: E731
+    bad = [pair(r) for r in rows if not r["correct"]]
     slow = min(rows, key=lambda r: r["gbps"])
     fast = max(r["gbps"] for r in rows)
-    detail = (f"{len(rows)} directions x {repeats} x {nbytes / 1e6:.1f} MB, GB/s: {speed}; "
+    speed = (", ".join(f"{pair(r)} {r['gbps']:.2f}" for r in rows) if len(rows) <= 12 else
+             f"min {slow['gbps']:.2f} ({pair(slow)}), median {statistics.median(r['gbps'] for r in rows):.2f}, "
+             f"max {fast:.2f}")
+    detail = (f"{len(rows)} directions x {repeats} x {nbytes / 1e6:.1f} MB, GB/s{'' if cuda else ' between ranks'}: "
+              f"{speed}; "
               + (f"WRONG BYTES from {', '.join(bad)}" if bad else "every byte correct"))
     hint = None
     if bad:
         hint = ("received bytes differ from those sent: a driver/NCCL fault; update the driver and run again "
                 "with NCCL_P2P_DISABLE=1 in the environment to see whether GPU peer-to-peer is the cause")
     elif cuda and slow["gbps"] < fast / 4:
-        hint = (f"{name(slow['src'])}->{name(slow['dst'])} is {fast / slow['gbps']:.0f}x slower than the fastest "
+        hint = (f"{pair(slow)} is {fast / slow['gbps']:.0f}x slower than the fastest "
                 "direction: see `nvidia-smi topo -m` (PCIe through the CPU socket, no NVLink)")
     return Check("p2p", not bad, detail, hint, data={"transfers": rows})
 
