@@ -354,7 +354,9 @@ def verdict_line(checks: list[Check], seconds: float) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pcpp_core doctor", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pcpp_core doctor",
+                                description="Check devices before trusting the pack: exit 0 when every check "
+                                            "passed, 1 when one failed, 2 for bad arguments.")
     p.add_argument("--devices", default="auto", help="cuda:0,cuda:1 | auto (every visible GPU) | cpu:N")
     p.add_argument("--json", action="store_true", help="JSON lines as checks finish; the last line is the verdict")
     p.add_argument("--size", type=int, default=64, help="image rows and columns of the built-in model's test calls")
