@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import PatchConfig, PoolConfig
-from .errors import ConfigError
+from .errors import ConfigError, WorkerError
 from .geometry import Bands
 from .plans import find_plan
 from .pool import WorkerPool
@@ -132,8 +132,8 @@ class Engine:
         t0 = time.perf_counter()
         torch.save(model, path)
         try:
-            replies = self.pool.request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
-                                        timeout=max(self.pool_config.call_timeout_s, 600))
+            replies = self._request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
+                                    timeout=max(self.pool_config.call_timeout_s, 600))
         finally:
             os.unlink(path)  # the workers keep their mappings; the name is no longer needed
         self._levels = replies[0]["levels"]
@@ -157,13 +157,17 @@ class Engine:
 
     # -- one evaluation -------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, *args: Any, slot: Hashable = None,
-                 batch_chunks: int = 1, model_key: Hashable = None, **kwargs: Any) -> torch.Tensor:
+                 batch_chunks: int = 1, model_key: Hashable = None, step: int | None = None,
+                 **kwargs: Any) -> torch.Tensor:
         """`model(x, *args, **kwargs)` computed on bands; returns the full output on x's device.
 
         `slot` names the call slot (e.g. the cond/uncond composition, and which evaluation of
         the step): stale buffers never cross slots. `batch_chunks=2` says the batch is two
         equal halves (cond, uncond) that cfg_split may put on two device groups. `model_key`
-        joins the model's fingerprint (model_version).
+        joins the model's fingerprint (model_version). `step` is the sampler step of the call
+        (slots.SlotTracker gives slot and step from the sigma): warm-up counts steps; without
+        it, the slot's first `warmup_steps` calls are the warm-up. A slot's first call is always
+        synchronous.
         """
         if x.dim() != 4:
             raise ConfigError(f"x must be a latent [B, C, H, W]; got shape {tuple(x.shape)}")
@@ -180,10 +184,10 @@ class Engine:
             for g, group in enumerate(groups):
                 a, kw = (cpu_args, cpu_kwargs) if len(groups) == 1 else _batch_slice(
                     (cpu_args, cpu_kwargs), x.shape[0], g * per, (g + 1) * per)
-                msg = ("call", CallRequest(a, kw, slot, self.patch, group))
+                msg = ("call", CallRequest(a, kw, slot, self.patch, group, step))
                 messages.update({r: msg for r in group})  # one object per group: pickled once
             t0 = time.perf_counter()
-            replies = self.pool.request(messages)
+            replies = self._request(messages)
             seconds = time.perf_counter() - t0
             out = self._assemble(replies, groups, x, per)
             stats: list[CallStats] = [s for _, s in replies.values()]
@@ -191,6 +195,23 @@ class Engine:
             self.stats.calls.append(StepRecord(seconds, {s.rank: s.bytes_sent for s in stats},
                                                stats[0].synchronous, {s.rank: s.seconds for s in stats}))
             return out
+
+    def _request(self, messages: dict[int, Any], timeout: float | None = None) -> dict[int, Any]:
+        """pool.request; after a worker's ConfigError, every rank drops its run state (a bounded
+        wait for in-flight transfers) so the pool can serve the next call, or the pool stops."""
+        try:
+            return self.pool.request(messages, timeout)
+        except ConfigError:
+            if self.pool.started:
+                try:
+                    clean = self.pool.request({r: ("reset", {"timeout_s": 5.0}) for r in range(self.pool.size)})
+                    if not all(clean.values()):
+                        log.warning("a worker's transfers did not finish after a configuration error; "
+                                    "stopping the pool (it restarts on the next call)")
+                        self.pool.kill()
+                except WorkerError as e:  # the pool is stopped already
+                    log.warning("resetting the workers after a configuration error failed: %s", e)
+            raise
 
     def _check_run_size(self, x: torch.Tensor) -> None:
         """One latent size per sampling run. The batch may change between calls (ComfyUI runs

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -49,11 +50,20 @@ class _Inflight:
     received: dict[int, Piece]
     sent: list[torch.Tensor]  # kept alive until the sends complete
 
-    def wait(self) -> None:
+    def wait(self, deadline: float | None = None) -> bool:
+        """Wait for every transfer; with a `deadline` (time.monotonic), False once it passes."""
         for w in self.works:
-            w.wait()
+            if deadline is None:
+                w.wait()
+                continue
+            try:
+                if w.wait(timeout=timedelta(seconds=max(0.001, deadline - time.monotonic()))) is False:
+                    return False
+            except RuntimeError:  # gloo: timed out waiting for the peer's side
+                return False
         self.works.clear()
         self.sent.clear()
+        return True
 
 
 Transport = Callable[[dict[int, torch.Tensor], dict[int, torch.Tensor], int], list[Any]]
@@ -91,12 +101,18 @@ class Exchange:
         self.call = None
         return self.bytes_sent
 
-    def reset(self) -> None:
-        """Drop every stale buffer (a new sampling run); finishes outstanding sends first."""
-        for inflight in self._inflight.values():
-            inflight.wait()
+    def reset(self, timeout: float | None = None) -> bool:
+        """Drop every stale buffer (a new sampling run); finishes outstanding transfers first.
+
+        After an error a peer may never post its side of a transfer: with a `timeout` (seconds)
+        this gives up and returns False, and the state is no longer safe to use (the host then
+        stops the pool: an orphaned receive would take a later call's data).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        clean = all(inflight.wait(deadline) for inflight in self._inflight.values())
         self._inflight.clear()
         self._tags.clear()
+        return clean
 
     def swap(
         self,

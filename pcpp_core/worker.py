@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .exchange import measure_p2p, torch_p2p
+from .errors import PCPPError, WorkerError
+from .exchange import torch_p2p
 from .runner import BandRunner, CallRequest, map_tensors
 
 log = logging.getLogger("pcpp.worker")
@@ -67,9 +68,11 @@ class Worker:
         self.version = payload["version"]
         return {"version": self.version, "levels": self.runner.levels}
 
-    def op_reset(self, payload: Any) -> None:
-        if self.runner is not None:
-            self.runner.reset()
+    def op_reset(self, payload: Any) -> bool:
+        """Forget the run's state; payload {"timeout_s": s} bounds the wait for in-flight transfers
+        (after an error). Returns whether the exchange state is clean."""
+        timeout = (payload or {}).get("timeout_s")
+        return self.runner.reset(timeout) if self.runner is not None else True
 
     def op_call(self, req: CallRequest):
         if self.runner is None:
@@ -86,6 +89,8 @@ class Worker:
 
     def op_p2p(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         """The doctor's transfer test; every rank gets it at once (see exchange.measure_p2p)."""
+        from .exchange import measure_p2p
+
         return measure_p2p(self.rank, self.world, self.device, payload["nbytes"], payload["repeats"])
 
     def serve(self, conn) -> None:
@@ -101,6 +106,9 @@ class Worker:
                 return
             try:
                 reply = ("ok", handlers[op](payload))
+            except PCPPError as e:  # a configuration problem found here (not a crash): the host falls back
+                status = "error" if isinstance(e, WorkerError) else "config"
+                reply = (status, f"{type(e).__name__}: {e}", traceback.format_exc())
             except BaseException as e:  # reported to the host, which decides what survives
                 reply = ("error", f"{type(e).__name__}: {e}", traceback.format_exc())
             conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
