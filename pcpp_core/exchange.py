@@ -148,3 +148,63 @@ class Exchange:
             return fresh.received
         previous.wait()  # arrived during the previous call of this slot; never blocks this call's sends
         return previous.received
+
+
+# ---- diagnostics (`python -m pcpp_core doctor`) ---------------------------------------------
+
+def _pattern(src: int, dst: int, repeat: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """Bytes that differ per (src, dst, repeat), so a stale or misrouted buffer cannot pass."""
+    salt = 1 + src * 131 + dst * 17 + repeat * 7
+    i = torch.arange(nbytes, dtype=torch.int32, device=device)  # [nbytes]
+    return ((i * (2 * salt + 1) + salt) % 256).to(torch.uint8)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _barrier(device: torch.device) -> None:
+    dist.barrier(device_ids=[device.index or 0] if device.type == "cuda" else None)
+
+
+def measure_p2p(rank: int, world: int, device: torch.device, nbytes: int, repeats: int) -> list[dict[str, Any]]:
+    """Send `nbytes` from every rank to every other rank, one ordered pair at a time, through the
+    transport the layers use (`torch_p2p`); the receiver times `repeats` transfers after one
+    untimed one (NCCL sets up a pair's connection on first use) and checks every byte.
+
+    Every rank of the default group must call this together. Returns this rank's receptions:
+    [{"src", "dst", "bytes", "seconds", "gbps", "correct"}].
+    """
+    post = torch_p2p(tuple(range(world)))
+    results: list[dict[str, Any]] = []
+    for src in range(world):
+        for dst in range(world):
+            if src == dst:
+                continue
+            if rank == src:
+                payloads = [_pattern(src, dst, r, nbytes, device) for r in range(repeats + 1)]
+                for p in payloads:
+                    for w in post({dst: p}, {}, 0):
+                        w.wait()
+                _sync(device)
+            elif rank == dst:
+                results.append(_receive(post, src, dst, nbytes, repeats, device))
+            _barrier(device)
+    return results
+
+
+def _receive(post: Transport, src: int, dst: int, nbytes: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(repeats + 1)]
+    for w in post({}, {src: buffers[0]}, 0):  # untimed: connection set-up
+        w.wait()
+    _sync(device)
+    start = time.perf_counter()
+    for buf in buffers[1:]:
+        for w in post({}, {src: buf}, 0):
+            w.wait()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    correct = all(torch.equal(b, _pattern(src, dst, r, nbytes, device)) for r, b in enumerate(buffers))
+    return {"src": src, "dst": dst, "bytes": nbytes, "seconds": seconds,
+            "gbps": nbytes * repeats / max(seconds, 1e-9) / 1e9, "correct": correct}

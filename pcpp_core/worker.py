@@ -99,9 +99,16 @@ class Worker:
     def op_ping(self, payload: Any) -> int:
         return os.getpid()
 
+    def op_p2p(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """The doctor's transfer test; every rank gets it at once (see exchange.measure_p2p)."""
+        from .exchange import measure_p2p
+
+        return measure_p2p(self.rank, self.world, self.device, payload["nbytes"], payload["repeats"])
+
     def serve(self, conn) -> None:
         handlers = {"load": self.op_load, "reset": self.op_reset, "call": self.op_call, "ping": self.op_ping,
-                    "patch": self.op_patch}
+                    "patch": self.op_patch,
+                    "p2p": self.op_p2p}  # p2p: the doctor's transfer test
         while True:
             try:
                 op, payload = pickle.loads(conn.recv_bytes())
