@@ -1,0 +1,37 @@
+"""Everyday graphs stay parallel (issue 10): ComfyUI's casting ops, area conditioning, model patches.
+
+Each `sync` run on cpu:2 must equal stock sampling with no fallback; what cannot run in the
+workers must fall back visibly, never give a wrong image.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_comfy_sampling import inputs, pcpp, rel_close, sample, unet  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.comfy
+
+
+def _same_weights(comfy, unet, weight_dtype, compute_dtype):  # noqa: F811
+    """The fixture's UNet rebuilt with ComfyUI's ops for `weight_dtype` weights computed in `compute_dtype`."""
+    config = comfy.supported_models.SD15(dict(unet.model.model_config.unet_config))
+    config.set_inference_dtype(weight_dtype, compute_dtype)
+    model = config.get_model({})
+    model.diffusion_model.load_state_dict(unet.model.diffusion_model.state_dict())
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float8_e4m3fn, torch.float16])
+def test_manual_cast_weights_sync_equals_stock(comfy, unet, inputs, weight_dtype):  # noqa: F811
+    """fp8 / fp16 weights behind ComfyUI's manual_cast ops (what UNETLoader's weight_dtype builds)."""
+    cast = _same_weights(comfy, unet, weight_dtype, torch.float32)
+    conv = cast.model.diffusion_model.input_blocks[0][0]
+    assert conv.weight.dtype == weight_dtype and conv.comfy_cast_weights  # really cast on the fly
+    ref = sample(comfy, cast, inputs)
+    model, hook = pcpp(comfy, cast, mode="sync")
+    out = sample(comfy, model, inputs)
+    assert hook.last_stats["fallback"] is None and hook.last_stats["bands"] == 2
+    rel_close(out, ref)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the cast weights do change the image
