@@ -25,7 +25,7 @@ import comfy.cli_args
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-from pcpp_core import (ConfigError, Engine, Mode, PatchConfig, PoolConfig, StagingError, find_plan, parse_devices,
+from pcpp_core import (BandSizeError, ConfigError, Engine, Mode, PatchConfig, PoolConfig, StagingError, find_plan, parse_devices,
                        shared_engine)
 from pcpp_core.staging import install_cleanup
 
@@ -130,6 +130,7 @@ class RunState:
     plain_seconds: float = 0.0
     host_device: str = "cpu"  # where the host's copy of the diffusion model is during this run
     model_bytes_sent: int = 0  # weights sent before a fallback dropped the engine
+    host_calls: dict[str, int] = field(default_factory=dict)  # why some calls ran whole on the host -> how many
     _evals: dict[Hashable, int] = field(default_factory=dict)
     _weights: Any = False  # the run's delivery.weight_source, computed on first use (False: not yet)
 
@@ -175,6 +176,21 @@ class RunState:
             self._weights = delivery.weight_source(self.patcher) if self.patcher is not None else None
         return self._weights
 
+    def host_call(self, reason: str, run_model: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One call runs whole on the host while the run stays parallel (e.g. a small area crop)."""
+        if reason not in self.host_calls:
+            log.warning("PCPP: some model calls run whole on the host: %s", reason)
+        self.host_calls[reason] = self.host_calls.get(reason, 0) + 1
+        return self.plain(run_model)
+
+    def partial(self) -> str | None:
+        """The node's text for calls that ran on the host in a parallel run, or None."""
+        if not self.host_calls or self.fallback is not None:
+            return None
+        total = self.plain_calls + (len(self.engine.stats.calls) if self.engine is not None else 0)
+        ran = sum(self.host_calls.values())
+        return f"{ran} of {total} model calls ran whole on the host: " + "; ".join(self.host_calls)
+
     def plain(self, run_model: Callable[[], torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()
         out = run_model()
@@ -196,6 +212,7 @@ class RunState:
                      "weights_on": [f"{self.host_device} (host)"]}
         stats["height"], stats["width"] = (self.shape[2], self.shape[3]) if len(self.shape) == 4 else (0, 0)
         stats["fallback"] = self.fallback
+        stats["partial"] = self.partial()
         return stats
 
 
@@ -261,15 +278,18 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
             run.fall_back(reason)
     if run.engine is None:
         return run.plain(host)
-    composition = tuple(transformer_options.get("cond_or_uncond") or (0,))
-    chunks = 2 if len(composition) == 2 and x.shape[0] % 2 == 0 else 1
+    cond_or_uncond = tuple(transformer_options.get("cond_or_uncond") or (0,))
+    chunks = 2 if len(cond_or_uncond) == 2 and x.shape[0] % 2 == 0 else 1
+    composition = (cond_or_uncond, tuple(x.shape[2:]))  # each latent size its own slot: area crops
     try:
         return run.engine(executor.class_obj, x, timesteps, context=context, y=y, control=control,
                           transformer_options=clean, slot=run.next_slot(composition), batch_chunks=chunks,
                           model_key=run.weights_tag(), weights=run.weights(), **kwargs)
     except StagingError:  # the machine's staging dir, not this run's inputs: the prompt fails naming it
         raise
-    except ConfigError as e:  # e.g. weights patched on the fly (lowvram), an area-conditioning crop too small
+    except BandSizeError as e:  # e.g. an area-conditioning crop too small for the bands: this call whole
+        return run.host_call(f"a {x.shape[2]}x{x.shape[3]} latent cannot be split ({e})", host)
+    except ConfigError as e:  # e.g. weights patched on the fly (lowvram)
         run.fall_back(str(e))
         return run.plain(host)
 

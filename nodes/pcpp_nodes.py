@@ -132,7 +132,7 @@ def off_stats(settings: PCPPSettings, samples: torch.Tensor) -> dict[str, Any]:
     return {"mode": settings.mode, "fraction": float(settings.neighbour_fraction), "bands": 1, "devices": [],
             "calls": 0, "seconds_per_call": 0.0, "bytes_per_call": 0, "bytes_per_call_warmup": 0,
             "height": int(samples.shape[-2]), "width": int(samples.shape[-1]), "fallback": None,
-            "model_bytes_sent": 0, "weights_on": []}
+            "partial": None, "model_bytes_sent": 0, "weights_on": []}
 
 
 class PCPPParallelModel(io.ComfyNode):

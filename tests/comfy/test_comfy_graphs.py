@@ -35,3 +35,38 @@ def test_manual_cast_weights_sync_equals_stock(comfy, unet, inputs, weight_dtype
     assert hook.last_stats["fallback"] is None and hook.last_stats["bands"] == 2
     rel_close(out, ref)
     assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the cast weights do change the image
+
+
+def _with_area(inputs, width: int, height: int, x: int, y: int):  # noqa: F811
+    """ConditioningSetArea on a second prompt, then ConditioningCombine with the first (pixels, as the nodes take)."""
+    import node_helpers
+
+    g = torch.Generator().manual_seed(3)
+    area = node_helpers.conditioning_set_values([[torch.randn(1, 7, 64, generator=g), {}]], {
+        "area": (height // 8, width // 8, y // 8, x // 8), "strength": 1.0, "set_area_to_bounds": False})
+    return dict(inputs, positive=inputs["positive"] + area)  # ConditioningCombine: the lists joined
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_area_conditioning_sync_equals_stock(comfy, unet, inputs, cfg):  # noqa: F811
+    """An 8x8 crop of a 16x16 latent: its own call slot, split into its own two bands."""
+    area = _with_area(inputs, 64, 64, 64, 32)
+    ref = sample(comfy, unet, area, cfg=cfg)
+    assert (ref - sample(comfy, unet, inputs, cfg=cfg)).abs().max() > 1e-3  # the area prompt matters
+    model, hook = pcpp(comfy, unet, mode="sync")
+    out = sample(comfy, model, area, cfg=cfg)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["partial"] is None and stats["bands"] == 2
+    rel_close(out, ref)
+
+
+def test_area_too_small_for_the_bands_runs_whole_on_the_host_and_says_so(comfy, unet, inputs):  # noqa: F811
+    """A 4x4 crop cannot be cut into two bands of 4 rows: that call runs on the host, the rest in parallel."""
+    area = _with_area(inputs, 32, 32, 0, 0)
+    ref = sample(comfy, unet, area)
+    model, hook = pcpp(comfy, unet, mode="sync")
+    out = sample(comfy, model, area)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["bands"] == 2
+    assert stats["partial"].startswith(f"3 of {stats['calls'] + 3} model calls ran whole on the host: a 4x4 latent")
+    rel_close(out, ref)
