@@ -4,10 +4,12 @@
 // The maths is in pcpp_diagram.js / pcpp_geometry.js (pure, tested against the Python engine);
 // this file only reads the node's widgets, draws, and chains the node's callbacks.
 
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import { DEFAULT_LATENT, diagramModel, formatPercent, PRESETS, statsLines } from "./pcpp_diagram.js";
 
 const NODE_IDS = new Set(["PCPPKSampler", "PCPPParallelModel"]);
+const LIVE = new Set(); // the nodes that have a diagram, so a change elsewhere in the graph redraws them
 const WATCHED = ["devices", "neighbour_fraction", "mode", "cfg_split", "warmup_steps", "steps", "cfg"];
 const SVG_NS = "http://www.w3.org/2000/svg";
 const PIC = 120; // the latent's longer side in the picture, px
@@ -180,14 +182,14 @@ function render(node, state, then = null) {
 }
 
 function draw(node, state) {
+  const root = state.root;
+  root.dataset.pcppNode = String(node.id); // first drawn before the graph gave the node its id
   const inputs = readInputs(node, state);
   const key = JSON.stringify(inputs);
   if (key === state.key) return;
   state.key = key;
   const m = diagramModel(inputs);
-  const root = state.root;
   Object.assign(root.dataset, {
-    pcppNode: String(node.id),
     pcppMode: m.mode,
     pcppFraction: String(m.fraction),
     pcppBands: m.bands ? m.bands.bounds.join(",") : "",
@@ -259,6 +261,7 @@ function addDiagram(node) {
   const root = el("div", { class: "pcpp-diagram", title: "PCPP bands: click a band to see what its attention sees" });
   const state = { root, band: 0, key: null, stats: null, minHeight: MIN_HEIGHT };
   node.pcppDiagram = state;
+  LIVE.add(node);
   const widget = node.addDOMWidget("pcpp_diagram", "pcpp_diagram", root, {
     serialize: false, // a drawing, not an input: keep it out of the prompt and widgets_values
     hideOnZoom: false,
@@ -308,6 +311,16 @@ app.registerExtension({
       document.head.append(el("style", { id: "pcpp-band-diagram-style" }, STYLE));
     }
   },
+  setup() {
+    // A widget on another node (the latent's width/height, the sampler's steps) changed. The canvas
+    // renderer redraws our node then (onDraw above), but Nodes 2.0 (front end >= 1.27, Vue DOM
+    // nodes; tested on 1.35.9 and 1.49.6) draws no node on the canvas: the front end's change
+    // tracker announces every edit with `graphChanged`, in both renderers. render() only redraws
+    // what changed.
+    api.addEventListener("graphChanged", () => {
+      for (const node of LIVE) if (node.pcppDiagram) render(node, node.pcppDiagram);
+    });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_IDS.has(nodeData?.name)) return;
     chain(nodeType.prototype, "onNodeCreated", function () {
@@ -326,6 +339,7 @@ app.registerExtension({
     chain(nodeType.prototype, "onRemoved", function () {
       this.pcppDiagram?.resized?.disconnect();
       this.pcppDiagram = null; // the DOM widget removes its element; drop our references
+      LIVE.delete(this);
     });
   },
 });
