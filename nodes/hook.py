@@ -111,8 +111,9 @@ def pool_config(devices: tuple[str, ...]) -> PoolConfig:
 class PCPPHook:
     """The node's settings as they travel in transformer_options; the last run's stats come back here."""
 
-    def __init__(self, settings: PCPPSettings):
+    def __init__(self, settings: PCPPSettings, node_id: str | None = None):
         self.settings = settings
+        self.node_id = node_id  # PCPP Parallel Model's id: its stats go to the front end as a message
         self.last_stats: dict[str, Any] | None = None
 
 
@@ -259,6 +260,28 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
         patcher.load_device = load_device
         hook.last_stats = run.summary()
         log.info("PCPP run: %s", json.dumps(hook.last_stats))
+        publish(hook)
+
+
+STATS_EVENT = "pcpp.stats"  # websocket event: {"node": id, "stats": {...}} for PCPP Parallel Model
+
+
+def publish(hook: PCPPHook) -> None:
+    """Send the run's stats to the front end for a node that has no output of its own after the run.
+
+    PCPP Parallel Model runs before the sampler, so its UI output cannot carry them; the event
+    (keyed by the node's id) lets the canvas show them, fallback included. No server (a script
+    using ComfyUI as a library): the log line above is all there is.
+    """
+    if hook.node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(STATS_EVENT, {"node": str(hook.node_id), "stats": hook.last_stats})
 
 
 def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -306,10 +329,11 @@ def _inner_wrappers(executor) -> str | None:
 _HOOKED = ((_WRAPPERS.OUTER_SAMPLE, outer_sample_wrapper), (_WRAPPERS.DIFFUSION_MODEL, diffusion_model_wrapper))
 
 
-def apply_pcpp(model: Any, settings: PCPPSettings) -> tuple[Any, PCPPHook]:
-    """A clone of the ModelPatcher that samples with PCPP; the input model is left untouched."""
+def apply_pcpp(model: Any, settings: PCPPSettings, node_id: str | None = None) -> tuple[Any, PCPPHook]:
+    """A clone of the ModelPatcher that samples with PCPP; the input model is left untouched.
+    `node_id`: the node to send each run's stats to (see publish)."""
     patched = remove_pcpp(model).clone()
-    hook = PCPPHook(settings)
+    hook = PCPPHook(settings, node_id)
     patched.model_options.setdefault("transformer_options", {})[HOOK_KEY] = hook
     for kind, wrapper in _HOOKED:
         patched.add_wrapper_with_key(kind, HOOK_KEY, wrapper)

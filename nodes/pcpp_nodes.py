@@ -147,6 +147,7 @@ class PCPPParallelModel(io.ComfyNode):
                         "(patch parallelism, PCPP / DistriFusion).",
             inputs=[io.Model.Input("model", tooltip="The model to run in parallel."), *engine_inputs()],
             outputs=[io.Model.Output(tooltip="A copy of the model that samples in parallel; the input is unchanged.")],
+            hidden=[io.Hidden.unique_id],  # each run's stats (and any fallback) go to this node on the canvas
         )
 
     @classmethod
@@ -156,7 +157,8 @@ class PCPPParallelModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, devices, neighbour_fraction, mode, warmup_steps, cfg_split) -> io.NodeOutput:
         settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split)
-        return io.NodeOutput(remove_pcpp(model) if settings.off else apply_pcpp(model, settings)[0])
+        node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
+        return io.NodeOutput(remove_pcpp(model) if settings.off else apply_pcpp(model, settings, node_id)[0])
 
 
 class PCPPExtension(ComfyExtension):
