@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .patches import travelling_patches
+
 HOOK_KEY = "pcpp"  # transformer_options entry holding the node's settings (PCPPHook)
 RUN_KEY = "pcpp_run"  # transformer_options entry holding the current sampling run (RunState)
 ARGS_ENV = "PCPP_COMFY_ARGS"  # the host's ComfyUI flags, as JSON, for worker_boot
@@ -41,13 +43,14 @@ def split_transformer_options(options: dict[str, Any]) -> tuple[dict[str, Any], 
         if key in _HOST_ONLY:
             continue
         if key in _PATCH_DICTS:
-            used = sorted(str(name) for name, entries in (value or {}).items() if entries)
-            if used:
-                return {}, f"transformer_options[{key!r}] holds host-side patches ({', '.join(used)})"
             continue
         if not is_plain(value):
             return {}, f"transformer_options[{key!r}] holds a {type(value).__name__}, which workers cannot run"
         clean[key] = value
+    patches, reason = travelling_patches(options)  # band-local model patches run in the workers
+    if reason is not None:
+        return {}, reason
+    clean.update(patches)
     return clean, None
 
 

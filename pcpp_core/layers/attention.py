@@ -13,6 +13,18 @@ class WindowAttention(BandLayer):
     """Wraps an attention module with `to_q/to_k/to_v/to_out` and `heads` (ComfyUI's
     CrossAttention, diffusers' Attention) used as self-attention."""
 
+    _FORWARDED = frozenset({"to_q", "to_k", "to_v", "to_out", "heads", "dim_head", "scale", "attn_precision"})
+
+    def __getattr__(self, name: str):
+        """The wrapped module's projections: a model that replaces this attention (ComfyUI's
+        `patches_replace`, e.g. PerturbedAttentionGuidance) calls `attn1.to_q` etc. itself."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in WindowAttention._FORWARDED:
+                return getattr(super().__getattr__("inner"), name)
+            raise
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # x: [B, N, C]
         if not self.split_active():
             return self.inner(x, *args, **kwargs)
@@ -61,3 +73,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m) -> torch.Tenso
     scale = getattr(m, "scale", None)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, heads, N, d/heads]
     return out.transpose(1, 2).reshape(b, n, d).to(dtype)
+
+
+def value_passthrough(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options=None, mask=None) -> torch.Tensor:
+    """Self-attention whose output is its value (each token attends to itself only): what
+    PerturbedAttentionGuidance puts in place of a self-attention. Per token, so exact on a band."""
+    return v

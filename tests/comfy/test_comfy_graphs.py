@@ -70,3 +70,79 @@ def test_area_too_small_for_the_bands_runs_whole_on_the_host_and_says_so(comfy, 
     assert stats["fallback"] is None and stats["bands"] == 2
     assert stats["partial"].startswith(f"3 of {stats['calls'] + 3} model calls ran whole on the host: a 4x4 latent")
     rel_close(out, ref)
+
+
+def _blocks_with_attention(unet):  # noqa: F811
+    """(block_name, number, transformer_index, cross-attention width) of every transformer block, as
+    ComfyUI's patches_replace keys name them."""
+    found = []
+    for name, m in unet.model.diffusion_model.named_modules():
+        parts = name.split(".")
+        if not name.endswith("attn2") or "transformer_blocks" not in parts:
+            continue
+        where = {"input_blocks": "input", "output_blocks": "output", "middle_block": "middle"}[parts[0]]
+        number = 0 if where == "middle" else int(parts[1])
+        found.append((where, number, int(parts[parts.index("transformer_blocks") + 1]), m.to_k.out_features))
+    return found
+
+
+def test_ip_adapter_style_attn2_replacement_sync_equals_stock(comfy, unet, inputs):  # noqa: F811
+    """An attn2 replacement holding tensors travels to the workers and runs on each band."""
+    from pcpp_testpatches import ImagePromptAttention
+
+    g = torch.Generator().manual_seed(4)
+    model = unet.clone()
+    blocks = _blocks_with_attention(unet)
+    assert len(blocks) >= 3
+    for where, number, index, width in blocks:
+        patch = ImagePromptAttention(torch.randn(1, 4, width, generator=g), torch.randn(1, 4, width, generator=g))
+        model.set_model_attn2_replace(patch, where, number, index)
+    ref = sample(comfy, model, inputs)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the patch matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert hook.last_stats["fallback"] is None and hook.last_stats["partial"] is None
+    rel_close(out, ref)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_perturbed_attention_guidance_sync_equals_stock(comfy, unet, inputs, cfg):  # noqa: F811
+    """PAG's extra model call per step (its own call slot) with attn1 replaced by "attention = value"."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    model = PerturbedAttentionGuidance.execute(unet, 3.0).result[0]
+    ref = sample(comfy, model, inputs, cfg=cfg)
+    assert (ref - sample(comfy, unet, inputs, cfg=cfg)).abs().max() > 1e-3  # PAG matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs, cfg=cfg)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["partial"] is None
+    assert stats["calls"] == 2 * 3  # the step's own call(s) batched, plus PAG's perturbed call, each step
+    rel_close(out, ref)
+
+
+def _patched(comfy, unet, case):  # noqa: F811
+    if case == "FreeU_V2":
+        from comfy_extras.nodes_freelunch import FreeU_V2
+        return FreeU_V2.execute(unet, 1.3, 1.4, 0.9, 0.2).result[0], "FreeU"
+    if case == "PatchModelAddDownscale":
+        from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+        return PatchModelAddDownscale.execute(unet, 1, 2.0, 0.0, 1.0, False, "bicubic", "bicubic").result[0], \
+            "Deep Shrink"
+    if case == "HyperTile":
+        from comfy_extras.nodes_hypertile import HyperTile
+        return HyperTile.execute(unet, 64, 2, 0, False)[0], "HyperTile"  # a tuple, not a NodeOutput
+    model = unet.clone()  # a replacement a worker cannot import: a closure
+    model.set_model_attn2_replace(lambda q, k, v, extra_options: q * 0.5, "middle", 0, 0)
+    return model, "cannot be pickled"
+
+
+@pytest.mark.parametrize("case", ["FreeU_V2", "PatchModelAddDownscale", "HyperTile", "closure"])
+def test_whole_map_patches_run_plain_and_say_why(comfy, unet, inputs, case):  # noqa: F811
+    """What the README table says: these run plain ComfyUI sampling, the reason on the node; never a wrong image."""
+    model, named = _patched(comfy, unet, case)
+    ref = sample(comfy, model, inputs)
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert named in hook.last_stats["fallback"]
+    assert torch.equal(out, ref)
