@@ -7,6 +7,8 @@ is band-local, so `sync` stays exact: it acts per query token and never on the w
     patches_replace['attn1']   PerturbedAttentionGuidance's "attention = value": per token          -> travel
                                (as pcpp_core's value_passthrough; other self-attention replacements
                                see the whole image and are refused)
+    patches['attn1_patch'|'attn2_patch']  ComfyUI's hypernetwork patch: per-token K/V MLPs        -> travel
+                               (as pcpp_core's TokenwiseKV; other input patches are refused)
     everything else            refused with the kind named: the call runs on the host, visibly
 
 A travelling patch must also be importable in a fresh worker process (module-level classes and
@@ -20,14 +22,14 @@ import pickletools
 import sys
 from typing import Any
 
-from pcpp_core.layers.attention import value_passthrough
+from pcpp_core.layers.attention import TokenwiseKV, value_passthrough
 
 # why each core kind that is refused cannot run on a band (the kinds ComfyUI's own nodes use)
 WHOLE_MAP = {
-    "attn1_patch": "a self-attention input patch (HyperTile, hypernetworks, SAG, ToMe, ...) that may reshape "
-                   "or mix tokens across the whole image",
-    "attn1_output_patch": "a self-attention output patch (hypernetworks, SAG, ToMe, ...)",
-    "attn2_patch": "a cross-attention input patch (hypernetworks, ...) the pack has not verified per token",
+    "attn1_patch": "a self-attention input patch (HyperTile, ToMe, ...) that may reshape or mix tokens across "
+                   "the whole image",
+    "attn1_output_patch": "a self-attention output patch (HyperTile, ToMe, NAG, ...)",
+    "attn2_patch": "a cross-attention input patch the pack has not verified per token",
     "attn2_output_patch": "a cross-attention output patch the pack has not verified per token",
     "input_block_patch": "a block patch that resamples the whole feature map (Deep Shrink)",
     "input_block_patch_after_skip": "a block patch that resamples the whole feature map (Deep Shrink)",
@@ -39,6 +41,15 @@ WHOLE_MAP = {
 def _is_pag(fn: Any) -> bool:
     return getattr(fn, "__module__", None) == "comfy_extras.nodes_pag" and \
         getattr(fn, "__name__", None) == "perturbed_attention"
+
+
+def _as_hypernetwork(fn: Any) -> TokenwiseKV | None:
+    """ComfyUI's hypernetwork patch (a class defined inside a function: no worker can unpickle it)
+    as the equivalent TokenwiseKV, or None for anything else."""
+    kind = type(fn)
+    if kind.__module__ == "comfy_extras.nodes_hypernetwork" and kind.__name__ == "hypernetwork_patch":
+        return TokenwiseKV(dict(fn.hypernet), float(fn.strength))
+    return None
 
 
 def _worker_can_import(obj: Any) -> str | None:
@@ -68,10 +79,15 @@ def _name(fn: Any) -> str:
 
 def travelling_patches(options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """({'patches_replace': {...}} for the workers, None), or ({}, why the call must run on the host)."""
+    patches: dict[str, list] = {}
     for kind, entries in (options.get("patches") or {}).items():
-        if entries:
+        if not entries:
+            continue
+        rebuilt = [_as_hypernetwork(fn) for fn in entries] if kind in ("attn1_patch", "attn2_patch") else [None]
+        if any(fn is None for fn in rebuilt):
             why = WHOLE_MAP.get(kind, "a kind of patch the pack does not know")
             return {}, f"transformer_options['patches'][{kind!r}] holds {why}; the workers cannot run it on a band"
+        patches[kind] = rebuilt
     sent: dict[str, dict] = {}
     for kind, entries in (options.get("patches_replace") or {}).items():
         if not entries:
@@ -91,4 +107,4 @@ def travelling_patches(options: dict[str, Any]) -> tuple[dict[str, Any], str | N
                 return {}, f"transformer_options['patches_replace'][{kind!r}] holds {_name(fn)} at {block}: {why}"
             out[block] = fn
         sent[kind] = out
-    return ({"patches_replace": sent} if sent else {}), None
+    return {**({"patches": patches} if patches else {}), **({"patches_replace": sent} if sent else {})}, None

@@ -29,15 +29,21 @@ class WindowAttention(BandLayer):
         if not self.split_active():
             return self.inner(x, *args, **kwargs)
         context = args[0] if args else kwargs.get("context", kwargs.get("encoder_hidden_states"))
-        if context is not None and context is not x:
-            raise UnsupportedModelError(f"{self.layer_name}: self-attention called with a context")
+        context = x if context is None else context
+        value = kwargs.get("value")
+        value = context if value is None else value
+        if context.shape[:2] != x.shape[:2] or value.shape[:2] != x.shape[:2]:
+            # a per-token patch (a hypernetwork) may transform the band's own tokens into K/V inputs;
+            # anything with other tokens is cross-attention
+            raise UnsupportedModelError(f"{self.layer_name}: self-attention called with a context of "
+                                        f"{tuple(context.shape)} for {tuple(x.shape)}")
         call = self.call
         m = self.inner
         bands, band = call.bands, call.band
         level = bands.level_of_tokens(band, x.shape[1])
         r0, r1 = bands.rows(band, level)
         cols = bands.level_size(level)[1]
-        q, k, v = m.to_q(x), m.to_k(x), m.to_v(x)  # [B, N, D] each
+        q, k, v = m.to_q(x), m.to_k(context), m.to_v(value)  # [B, N, D] each
         kv = torch.cat([k, v], dim=-1).view(x.shape[0], r1 - r0, cols, -1)  # [B, h, W, 2D]
         window = call.window if call.exchange else 0.0
         parts: dict[int, torch.Tensor] = {band: kv}
@@ -79,3 +85,20 @@ def value_passthrough(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_o
     """Self-attention whose output is its value (each token attends to itself only): what
     PerturbedAttentionGuidance puts in place of a self-attention. Per token, so exact on a band."""
     return v
+
+
+class TokenwiseKV:
+    """Per-token MLPs added to attention's K and V inputs, keyed by their width: what a
+    hypernetwork does (ComfyUI's HypernetworkLoader patch, rebuilt here so a worker can unpickle it).
+    Per token, so exact on a band."""
+
+    def __init__(self, hypernet: dict, strength: float):
+        self.hypernet, self.strength = hypernet, strength  # {width: ModuleList([k_mlp, v_mlp])}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options=None):
+        hn = self.hypernet.get(k.shape[-1])
+        if hn is not None:
+            hn.to(k.device)  # pickled on the host's device; a no-op once there
+            k = k + hn[0](k) * self.strength
+            v = v + hn[1](v) * self.strength
+        return q, k, v

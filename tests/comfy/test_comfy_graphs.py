@@ -146,3 +146,45 @@ def test_whole_map_patches_run_plain_and_say_why(comfy, unet, inputs, case):  # 
     out = sample(comfy, parallel, inputs)
     assert named in hook.last_stats["fallback"]
     assert torch.equal(out, ref)
+
+
+def test_hypernetwork_sync_equals_stock(comfy, unet, inputs, tmp_path):  # noqa: F811
+    """HypernetworkLoader's per-token K/V patches (a random file, loaded by ComfyUI's own loader) run in the workers."""
+    from comfy_extras.nodes_hypernetwork import load_hypernetwork_patch
+
+    g = torch.Generator().manual_seed(6)
+    sd = {"activation_func": "relu", "is_layer_norm": False, "use_dropout": False}
+    for dim in (32, 64):  # the tiny UNet's attention widths (attn1) and its text width (attn2)
+        sd[dim] = {i: {"linear.0.weight": torch.randn(dim * 2, dim, generator=g) * dim ** -0.5,
+                       "linear.0.bias": torch.zeros(dim * 2),
+                       "linear.2.weight": torch.randn(dim, dim * 2, generator=g) * (2 * dim) ** -0.5,
+                       "linear.2.bias": torch.zeros(dim)} for i in (0, 1)}
+    path = tmp_path / "random_hypernetwork.pt"
+    torch.save(sd, path)
+    model = unet.clone()
+    patch = load_hypernetwork_patch(str(path), 1.0)
+    model.set_model_attn1_patch(patch)
+    model.set_model_attn2_patch(patch)  # what HypernetworkLoader does
+    ref = sample(comfy, model, inputs)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the hypernetwork matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert hook.last_stats["fallback"] is None and hook.last_stats["partial"] is None
+    rel_close(out, ref)
+
+
+def test_unknown_patches_fall_back_visibly(comfy, unet, inputs):  # noqa: F811
+    """No silent path: a patch kind the pack does not know runs plain sampling, named on the node."""
+    split = comfy.options.split_transformer_options
+    for options, named in [({"patches": {"new_kind_patch": [print]}}, "does not know"),
+                           ({"patches_replace": {"dit": {("double_block", 0): print}}}, "'dit'"),
+                           ({"patches_replace": {"attn1": {("middle", 0): print}}}, "only PerturbedAttention"),
+                           ({"some_new_option": object()}, "object")]:
+        clean, reason = split(options)
+        assert clean == {} and named in reason, (options, reason)
+    model = unet.clone()
+    model.set_model_patch(lambda h, extra_options: h, "new_kind_patch")  # ComfyUI itself ignores this kind
+    ref = sample(comfy, model, inputs)
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert "'new_kind_patch'" in hook.last_stats["fallback"] and torch.equal(out, ref)
