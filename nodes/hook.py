@@ -28,6 +28,7 @@ import comfy.patcher_extension
 from pcpp_core import (BandSizeError, ConfigError, Engine, Mode, PatchConfig, PoolConfig, StagingError, find_plan, parse_devices,
                        shared_engine)
 from pcpp_core.staging import install_cleanup
+from pcpp_core.limits import HostLimits
 
 from . import delivery
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
@@ -39,6 +40,11 @@ MAX_FRACTION = 2.0  # the widget's range; 1 = whole neighbouring bands
 TIMEOUT_ENV = "PCPP_CALL_TIMEOUT_S"
 _WRAPPERS = comfy.patcher_extension.WrappersMP
 install_cleanup()  # staging dirs go on SIGTERM/SIGINT too: set here, in ComfyUI's main thread (prompts run in another)
+
+# PCPP_MAX_WORKERS and PCPP_POOL_IDLE_S, read once when ComfyUI loads the pack (at server start)
+LIMITS = HostLimits.from_env()
+for _problem in LIMITS.problems:
+    log.error("PCPP: %s", _problem)
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,9 @@ def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
     """(devices, None) to run in parallel, or (devices, why plain sampling must run instead).
 
     `auto` with fewer than two GPUs is not an error: it means "whatever is there", and one
-    device runs plain ComfyUI sampling. A list that cannot be parsed or names a missing GPU
-    is an error (ConfigError naming `devices`).
+    device runs plain ComfyUI sampling; it never means CPU workers. A list that cannot be
+    parsed, names a missing GPU, or asks for more CPU workers than this server allows
+    (LIMITS: the cores it may use, or PCPP_MAX_WORKERS) is an error (ConfigError naming `devices`).
     """
     if str(spec).strip().lower() == "auto":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -86,6 +93,7 @@ def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
             return found, f"devices='auto' found {n} CUDA GPU(s); parallel sampling needs at least 2"
         return found, None
     devices = parse_devices(spec)
+    LIMITS.check_cpu_workers(spec, devices)  # before any worker is started: a prompt must not fork the host away
     if len(devices) < 2:
         return devices, f"devices={spec!r} is one device only; parallel sampling needs at least 2"
     return devices, None
@@ -105,7 +113,7 @@ def pool_config(devices: tuple[str, ...]) -> PoolConfig:
     flags = {k: v for k, v in vars(comfy.cli_args.args).items() if isinstance(v, (bool, int, float, str, type(None)))}
     flags["cpu"] = devices[0] == "cpu"  # a CPU worker must never ask CUDA for a device
     env = (("PCPP_WORKER_PRELOAD", "nodes.worker_boot"), (ARGS_ENV, json.dumps(flags, sort_keys=True)))
-    return PoolConfig(devices=devices, env=env, call_timeout_s=call_timeout_s())
+    return PoolConfig(devices=devices, env=env, call_timeout_s=call_timeout_s(), idle_timeout_s=LIMITS.pool_idle_s)
 
 
 class PCPPHook:
@@ -126,6 +134,7 @@ class RunState:
     shape: tuple[int, ...]
     patcher: Any = None  # the sampling ModelPatcher: which weight patches are applied now
     engine: Engine | None = None
+    started: Engine | None = None  # the engine whose run began (kept after a fallback): end() ends it
     fallback: str | None = None
     plain_calls: int = 0
     plain_seconds: float = 0.0
@@ -144,6 +153,12 @@ class RunState:
             self.model_bytes_sent = self.engine.stats.model_bytes_sent if self.engine is not None else 0
             log.warning("PCPP: running plain ComfyUI sampling instead of mode=%s: %s", self.settings.mode, reason)
         self.engine = None
+
+    def end(self) -> None:
+        """The engine's run is over: its idle clock (PCPP_POOL_IDLE_S) may start."""
+        if self.started is not None:
+            self.started.end_run()
+            self.started = None
 
     def wrap_callback(self, callback: Callable | None) -> Callable:
         """ComfyUI samplers call the callback once per step: a step boundary for the call slots."""
@@ -228,10 +243,14 @@ def start_run(settings: PCPPSettings, diffusion_model: Any, shape: tuple[int, ..
             find_plan(diffusion_model)
             engine = shared_engine(pool_config(devices))
             engine.new_run(settings.patch_config())
+            run.started = engine
             engine.check_shape(diffusion_model, shape[2], shape[3], 2 if settings.cfg_split else 1)
             run.engine = engine
         except ConfigError as e:  # an unsupported family, or a latent too small for the devices
             reason = str(e)
+        except BaseException:
+            run.end()
+            raise
     if reason is not None:
         run.fall_back(reason)
     return run
@@ -256,6 +275,7 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
         return executor(noise, latent_image, sampler, sigmas, denoise_mask, run.wrap_callback(callback),
                         disable_pbar, seed, **kwargs)
     finally:
+        run.end()
         guider.model_options = original
         patcher.load_device = load_device
         hook.last_stats = run.summary()

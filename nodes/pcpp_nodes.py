@@ -32,8 +32,9 @@ def engine_inputs() -> list[io.Input]:
     return [
         io.String.Input("devices", default="auto",
                         tooltip="Where the bands run: auto (every visible CUDA GPU), a list such as "
-                                "cuda:0,cuda:1, or cpu:N for N CPU worker processes. Fewer than two "
-                                "devices runs plain ComfyUI sampling, and the stats say so."),
+                                "cuda:0,cuda:1, or cpu:N for N CPU worker processes (at most the cores "
+                                "the server may use, unless it was started with PCPP_MAX_WORKERS). Fewer "
+                                "than two devices runs plain ComfyUI sampling, and the stats say so."),
         io.Float.Input("neighbour_fraction", default=0.3, min=0.0, max=MAX_FRACTION, step=0.05,
                        tooltip="How much of each neighbouring band a band's self-attention sees, in band "
                                "heights: 0 = own band only, 1 = whole neighbours. More is closer to the "

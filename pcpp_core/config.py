@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import ConfigError
+from .limits import usable_cores
 
 
 class Mode(str, Enum):
@@ -122,6 +122,7 @@ class PoolConfig:
     threads_per_worker: int | None = None  # CPU workers: torch threads each (default: cores / workers)
     env: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # extra environment for workers
     staging_dir: str = ""  # where model files are staged for the workers; $PCPP_STAGING_DIR wins, "" = temp dir
+    idle_timeout_s: float = 0.0  # stop the pool after this long with no run and no call; 0 = never
 
     def __post_init__(self) -> None:
         devs = self.devices
@@ -140,6 +141,9 @@ class PoolConfig:
                 raise ConfigError(f"{name}={v!r} must be a positive number of seconds")
         if not isinstance(self.staging_dir, str):
             raise ConfigError(f"staging_dir={self.staging_dir!r} must be a directory path (or '' for the temp dir)")
+        v = self.idle_timeout_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"idle_timeout_s={v!r} must be a number of seconds >= 0 (0 = keep the pool warm)")
         t = self.threads_per_worker
         if t is not None and (not isinstance(t, int) or t < 1):
             raise ConfigError(f"threads_per_worker={t!r} must be a positive integer or None")
@@ -155,4 +159,4 @@ class PoolConfig:
     def worker_threads(self) -> int:
         if self.threads_per_worker is not None:
             return self.threads_per_worker
-        return max(1, (os.cpu_count() or 1) // self.world_size)
+        return max(1, usable_cores() // self.world_size)

@@ -3,6 +3,7 @@
     engine = Engine(PoolConfig(devices=("cpu", "cpu")))
     engine.new_run(PatchConfig(mode="pcpp", fraction=0.3))
     out = engine(model, x, t, encoder_hidden_states=ctx)   # like model(x, t, ...), on bands
+    engine.end_run()   # with PoolConfig(idle_timeout_s=...), the idle clock starts now
 """
 from __future__ import annotations
 
@@ -101,7 +102,9 @@ class Engine:
         self._levels = 0
         self._slot_sizes: dict[Hashable, tuple[int, int]] = {}  # call slot -> its latent rows x cols
         self.model_loads = 0  # how many times a model version was sent to the workers
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one call, run change or shutdown at a time (the idle timer too)
+        self._active = False  # between new_run() and end_run(): the pool is never stopped as idle
+        self._idle_timer: threading.Timer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -115,16 +118,58 @@ class Engine:
             self.pool.start()
 
     def shutdown(self) -> None:
+        with self._lock:
+            self._shutdown_locked()
+
+    def _shutdown_locked(self) -> None:
+        self._cancel_idle_timer()
         self.pool.shutdown()
         self._version, self._patches_key = None, None
 
     def new_run(self, patch: PatchConfig) -> None:
-        """Start a sampling run: stale buffers and warm-up counters begin again."""
-        self.patch = patch
-        self.stats = RunStats(patch.mode.value, patch.fraction, 0, self.pool_config.devices)
-        self._slot_sizes = {}  # each slot's latent size is fixed by its first call in the run
-        if self.pool.started and self._version is not None:
-            self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
+        """Start a sampling run: stale buffers and warm-up counters begin again, and the pool is
+        not stopped as idle until end_run(), however long the host pauses between calls."""
+        with self._lock:
+            self._cancel_idle_timer()
+            self.patch = patch
+            self.stats = RunStats(patch.mode.value, patch.fraction, 0, self.pool_config.devices)
+            self._slot_sizes = {}  # each slot's latent size is fixed by its first call in the run
+            if self.pool.started and self._version is not None:
+                self.pool.request({r: ("reset", None) for r in range(self.pool.size)})  # failed: pool stopped
+            self._active = True
+
+    def end_run(self) -> None:
+        """The sampling run is over (finished, cancelled or failed): the idle clock starts."""
+        with self._lock:
+            self._active = False
+            self._arm_idle_timer()
+
+    # -- idle shutdown (PoolConfig.idle_timeout_s) ------------------------------------------
+    def _arm_idle_timer(self) -> None:
+        """(Re)start the idle clock; called with the lock held whenever the engine falls idle."""
+        self._cancel_idle_timer()
+        timeout = self.pool_config.idle_timeout_s
+        if timeout and not self._active and self.pool.started:
+            self._idle_timer = threading.Timer(timeout, self._stop_if_idle)
+            self._idle_timer.daemon = True  # never keeps the host alive
+            self._idle_timer.name = "pcpp-idle-timer"
+            self._idle_timer.start()
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()  # a timer already waiting for the lock sees it is stale and returns
+            self._idle_timer = None
+
+    def _stop_if_idle(self) -> None:
+        with self._lock:
+            if self._idle_timer is not threading.current_thread() or self._active:
+                return  # re-armed, cancelled or a run began while this timer waited for the lock
+            self._idle_timer = None
+            if self.pool.started:
+                log.info("stopping the %d-worker pool (%s): idle for %g s (idle_timeout_s; PCPP_POOL_IDLE_S in "
+                         "ComfyUI); the next call starts a fresh one", self.pool.size,
+                         ",".join(self.pool_config.devices), self.pool_config.idle_timeout_s)
+                self._shutdown_locked()
 
     # -- model ----------------------------------------------------------------------------
     def load(self, model: nn.Module, model_key: Hashable = None, weights: WeightSource | None = None) -> None:
@@ -231,6 +276,7 @@ class Engine:
             self.stats.bands = len(groups[0])
             self.stats.calls.append(StepRecord(seconds, {s.rank: s.bytes_sent for s in stats},
                                                stats[0].synchronous, {s.rank: s.seconds for s in stats}))
+            self._arm_idle_timer()  # outside a run, every call restarts the idle clock
             return out
 
     def _check_slot_size(self, slot: Hashable, x: torch.Tensor) -> None:
@@ -268,7 +314,8 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_engine(pool_config: PoolConfig) -> Engine:
-    """The process-wide engine for these devices, kept warm across runs.
+    """The process-wide engine for these devices, kept warm across runs (until idle for
+    `pool_config.idle_timeout_s`, when that is set).
 
     Asking for other devices (or other pool settings) shuts the previous pool down first, so
     a long-lived host never holds two pools.

@@ -9,6 +9,7 @@ the server (where a multiprocessing spawn would re-run main.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -82,9 +83,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    with comfy_server(tmp_path_factory.mktemp("comfy-base")) as srv:
+        yield srv
+
+
+def _environ() -> dict[str, str]:
+    """The test's environment without the pack's server limits: each server states its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("PCPP_MAX_WORKERS", "PCPP_POOL_IDLE_S")}
+
+
+@contextlib.contextmanager
+def comfy_server(base: Path, env: dict[str, str] | None = None, cpus: set[int] | None = None):
+    """A headless ComfyUI in `base` with the pack linked in; `env` added to its environment,
+    `cpus` its affinity mask (the cores it may use)."""
     if not RANDOM_CHECKPOINT.is_file():
         pytest.skip(f"{RANDOM_CHECKPOINT} is missing: run ../shared/comfyui/setup.sh (or set PCPP_COMFYUI_HOME)")
-    base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-PCPP").symlink_to(REPO, target_is_directory=True)
     checkpoints = base / "models" / "checkpoints"
@@ -100,7 +113,8 @@ def server(tmp_path_factory):
     if (COMFY_HOME / "frontend-stub").is_dir():
         cmd += ["--front-end-root", str(COMFY_HOME / "frontend-stub")]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base, env={**_environ(), **(env or {})},
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     srv = Server(f"http://127.0.0.1:{port}", base, proc, log)
     try:
         deadline = time.monotonic() + 180
@@ -361,3 +375,72 @@ def test_killed_worker_fails_the_prompt_naming_the_rank_and_the_next_prompt_succ
     assert stats["fallback"] is None and stats["bands"] == 2
     new = _worker_pids(server)
     assert len(new) == 2 and not set(new) & set(old)
+
+
+def _children(pid: int) -> set[int]:
+    """Every child process of `pid`, whichever of its threads started it."""
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:  # the thread ended meanwhile
+            pass
+    return kids
+
+
+def _refusal(server: Server, graph: dict) -> dict:
+    """POST /prompt expecting HTTP 400; returns the errors of the KSampler node ("3")."""
+    with pytest.raises(urllib.error.HTTPError) as err:
+        server.call("/prompt", {"prompt": graph})
+    assert err.value.code == 400
+    return json.loads(err.value.read())["node_errors"]["3"]["errors"]
+
+
+def test_more_cpu_workers_than_cores_is_refused_before_any_worker_starts(server):
+    from pcpp_core.limits import usable_cores
+
+    cores = usable_cores(os.sched_getaffinity(server.proc.pid))
+    graph = json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())
+    before = _children(server.proc.pid)
+    errors = _refusal(server, small(graph, devices=f"cpu:{cores + 1}"))
+    assert [e["extra_info"]["input_name"] for e in errors] == ["devices"]
+    details = errors[0]["details"]
+    assert f"asks for {cores + 1} CPU worker" in details and f"at most {cores} " in details, details
+    assert "PCPP_MAX_WORKERS" in details  # how the operator raises it
+    assert _children(server.proc.pid) == before  # nothing was forked for the refused prompt
+    entry = server.run(small(graph))
+    assert entry["status"]["status_str"] == "success", why(entry)
+    [stats] = outputs_of(server, entry)[1]
+    assert stats["fallback"] is None and stats["bands"] == 2
+
+
+RAISED_IDLE_S = 3
+
+
+@pytest.fixture(scope="module")
+def raised_server(tmp_path_factory):
+    """A server kept to (at most) two cores, started with PCPP_MAX_WORKERS one above them and
+    PCPP_POOL_IDLE_S short enough to watch its pool stop."""
+    cpus = set(sorted(os.sched_getaffinity(0))[:2])
+    env = {"PCPP_MAX_WORKERS": str(len(cpus) + 1), "PCPP_POOL_IDLE_S": str(RAISED_IDLE_S)}
+    with comfy_server(tmp_path_factory.mktemp("comfy-raised"), env=env, cpus=cpus) as srv:
+        yield srv
+
+
+def test_pcpp_max_workers_raises_the_ceiling_for_the_server_it_started(raised_server):
+    server = raised_server
+    n = len(os.sched_getaffinity(server.proc.pid)) + 1  # the refused count on a server without the variable
+    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=f"cpu:{n}")
+    entry = server.run(graph)  # 128 px: 16 latent rows, enough for 3 bands (the model does not downsample)
+    assert entry["status"]["status_str"] == "success", f"{why(entry)}\n{server.tail()}"
+    [stats] = outputs_of(server, entry)[1]
+    assert stats["fallback"] is None and stats["devices"] == ["cpu"] * n and stats["bands"] == n
+    assert f"pool started: {n} gloo worker(s)" in server.log.read_text(errors="replace"), server.tail()
+    errors = _refusal(server, small(graph, devices=f"cpu:{n + 1}"))  # the variable is the new ceiling
+    assert f"at most {n} (PCPP_MAX_WORKERS={n})" in errors[0]["details"], errors
+    # the run ended (the nodes' end_run), so its pool is stopped once idle for PCPP_POOL_IDLE_S
+    deadline = time.monotonic() + 60
+    while _worker_pids(server):
+        assert time.monotonic() < deadline, f"the idle pool was not stopped:\n{server.tail()}"
+        time.sleep(0.25)
+    assert f"idle for {RAISED_IDLE_S} s" in server.log.read_text(errors="replace"), server.tail()
