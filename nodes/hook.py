@@ -3,7 +3,7 @@
 Two wrappers, one key ("pcpp"):
 
     OUTER_SAMPLE     once per sampling run: decide parallel or plain (and say why), reset the
-                     engine's stale buffers, count steps by wrapping the sampler's callback
+                     engine's stale buffers, key call slots by the run's sigma schedule
     DIFFUSION_MODEL  once per model call: the engine computes `diffusion_model(x, t, ...)` on
                      bands in worker processes, or the call runs on the host when it cannot
 
@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch
@@ -29,6 +29,7 @@ from pcpp_core import (BandSizeError, ConfigError, Engine, Mode, PatchConfig, Po
                        shared_engine)
 from pcpp_core.staging import install_cleanup
 from pcpp_core.limits import HostLimits
+from pcpp_core.slots import SlotTracker
 
 from . import delivery
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
@@ -36,7 +37,7 @@ from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, uns
 log = logging.getLogger("pcpp.nodes")
 
 MODES = (*(m.value for m in Mode), "off")  # off: plain ComfyUI sampling, a node-level choice
-MAX_FRACTION = 2.0  # the widget's range; 1 = whole neighbouring bands
+MAX_FRACTION = 2.0  # the widget's range, in units of the band's own height (see PCPPSettings)
 TIMEOUT_ENV = "PCPP_CALL_TIMEOUT_S"
 _WRAPPERS = comfy.patcher_extension.WrappersMP
 install_cleanup()  # staging dirs go on SIGTERM/SIGINT too: set here, in ComfyUI's main thread (prompts run in another)
@@ -63,7 +64,8 @@ class PCPPSettings:
         f = self.neighbour_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= MAX_FRACTION:
             raise ConfigError(f"neighbour_fraction={f!r} is out of range: use 0 (own band only) to "
-                              f"{MAX_FRACTION:g} (1 = whole neighbouring bands)")
+                              f"{MAX_FRACTION:g}, in units of the band's own height (1 = as many rows of each "
+                              "neighbour as the band has: the whole neighbour when bands are even)")
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")
@@ -127,7 +129,7 @@ class PCPPHook:
 
 @dataclass
 class RunState:
-    """One sampling run: the engine (None while plain), why it is plain, and the step count."""
+    """One sampling run: the engine (None while plain), why it is plain, and its call slots."""
 
     settings: PCPPSettings
     devices: tuple[str, ...]
@@ -141,8 +143,8 @@ class RunState:
     host_device: str = "cpu"  # where the host's copy of the diffusion model is during this run
     model_bytes_sent: int = 0  # weights sent before a fallback dropped the engine
     host_calls: dict[str, int] = field(default_factory=dict)  # why some calls ran whole on the host -> how many
-    _evals: dict[Hashable, int] = field(default_factory=dict)
     _weights: Any = False  # the run's delivery.weight_source, computed on first use (False: not yet)
+    tracker: SlotTracker | None = None  # from the run's sigmas (None: unknown, see call_slot)
 
     def fall_back(self, reason: str) -> None:
         """From now on this run samples plainly; said once in the log and in the node's stats."""
@@ -160,22 +162,19 @@ class RunState:
             self.started.end_run()
             self.started = None
 
-    def wrap_callback(self, callback: Callable | None) -> Callable:
-        """ComfyUI samplers call the callback once per step: a step boundary for the call slots."""
-        def step_done(*args: Any, **kwargs: Any) -> Any:
-            self._evals.clear()
-            return callback(*args, **kwargs) if callback is not None else None
-        return step_done
+    def call_slot(self, composition: tuple, sigmas: Any) -> tuple[Hashable, int | None]:
+        """(slot, step) of one model call from its sigma (slots.SlotTracker).
 
-    def next_slot(self, composition: tuple) -> tuple:
-        """(cond/uncond composition, evaluation index since the last step boundary).
-
-        Heun-like samplers call the model twice per step: each evaluation keeps its own stale
-        buffers. The pairing is fixed for a given sampler, so buffers always meet their own kind.
+        Heun-like samplers evaluate the model twice per step and fire the step callback between
+        the two, so the slot comes from the call's sigma, never from the callback. ComfyUI
+        (0.33 and 0.8: samplers._calc_cond_batch) puts the call's sigmas in
+        transformer_options["sigmas"]; without it (or without a schedule) every call of a
+        composition shares one slot and warm-up counts that slot's calls: right for
+        one-evaluation samplers.
         """
-        index = self._evals.get(composition, 0)
-        self._evals[composition] = index + 1
-        return composition, index
+        if self.tracker is None or not isinstance(sigmas, torch.Tensor) or sigmas.numel() == 0:
+            return (composition, "call", 0), None
+        return self.tracker.evaluation(composition, float(sigmas.flatten()[0]))
 
     def weights_tag(self) -> str:
         """ComfyUI's own name for the weights' state: the engine re-sends the model when it changes.
@@ -268,12 +267,13 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     if moved is not None:  # one copy per GPU: the host samples on the offload device (see ARCHITECTURE.md)
         patcher.load_device = moved
     run.host_device = str(patcher.load_device)
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1:
+        run.tracker = SlotTracker([float(s) for s in sigmas.flatten()])
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
-        return executor(noise, latent_image, sampler, sigmas, denoise_mask, run.wrap_callback(callback),
-                        disable_pbar, seed, **kwargs)
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
     finally:
         run.end()
         guider.model_options = original
@@ -324,9 +324,10 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond") or (0,))
     chunks = 2 if len(cond_or_uncond) == 2 and x.shape[0] % 2 == 0 else 1
     composition = (cond_or_uncond, tuple(x.shape[2:]))  # each latent size its own slot: area crops
+    slot, step = run.call_slot(composition, transformer_options.get("sigmas"))
     try:
         return run.engine(executor.class_obj, x, timesteps, context=context, y=y, control=control,
-                          transformer_options=clean, slot=run.next_slot(composition), batch_chunks=chunks,
+                          transformer_options=clean, slot=slot, step=step, batch_chunks=chunks,
                           model_key=run.weights_tag(), weights=run.weights(), **kwargs)
     except StagingError:  # the machine's staging dir, not this run's inputs: the prompt fails naming it
         raise

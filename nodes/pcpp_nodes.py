@@ -36,16 +36,17 @@ def engine_inputs() -> list[io.Input]:
                                 "the server may use, unless it was started with PCPP_MAX_WORKERS). Fewer "
                                 "than two devices runs plain ComfyUI sampling, and the stats say so."),
         io.Float.Input("neighbour_fraction", default=0.3, min=0.0, max=MAX_FRACTION, step=0.05,
-                       tooltip="How much of each neighbouring band a band's self-attention sees, in band "
-                               "heights: 0 = own band only, 1 = whole neighbours. More is closer to the "
-                               "single-GPU image and sends more data (pcpp mode only)."),
+                       tooltip="How many rows of each neighbouring band a band's self-attention sees, in units "
+                               "of the band's own height: 0 = own band only, 1 = as many rows of each "
+                               "neighbour as the band has (the whole neighbour when bands are even). More is "
+                               "closer to the single-GPU image and sends more data (pcpp mode only)."),
         io.Combo.Input("mode", options=list(MODES), default="pcpp",
                        tooltip="pcpp: neighbour window with stale activations (fast). distrifusion: whole-"
                                "image window. naive: bands denoised alone (baseline). sync: exact, every step "
                                "waits for fresh data (same image as one device). off: plain ComfyUI sampling."),
         io.Int.Input("warmup_steps", default=4, min=0, max=10000,
-                     tooltip="Model calls per call slot that run synchronously (exact) before stale "
-                             "activations are used; more steps, closer to the single-GPU image."),
+                     tooltip="Sampler steps that run synchronously (exact) before stale activations are "
+                             "used; more steps, closer to the single-GPU image."),
         io.Boolean.Input("cfg_split", default=False,
                          tooltip="Run the positive and negative prompt on two halves of the devices "
                                  "(needs an even number of devices and cfg > 1)."),

@@ -37,8 +37,8 @@ class PatchConfig:
     """How one sampling run is split; may change between runs without restarting the pool."""
 
     mode: Mode = Mode.PCPP
-    fraction: float = 0.3  # neighbour rows, in band heights, each side of a band (pcpp only)
-    warmup_steps: int = 4  # leading calls per slot that run synchronously with the whole image
+    fraction: float = 0.3  # neighbour rows each side, in units of the band's own height (pcpp only)
+    warmup_steps: int = 4  # leading sampler steps (calls of a slot, without steps) run synchronously
     cfg_split: bool = False  # run cond and uncond halves of a batch on two device groups
     fresh_activations: bool = False  # verification: exchange synchronously every call, keep the window
 
@@ -50,7 +50,8 @@ class PatchConfig:
         if math.isnan(f) or f < 0 or f > MAX_FRACTION:
             raise ConfigError(
                 f"fraction={f!r} is out of range: use 0 (own band only) to {MAX_FRACTION:g} "
-                "(1 = whole neighbouring bands; >= the band count covers the image)"
+                "in units of the band's own height (1 = as many rows of each neighbour as the band has: the "
+                "whole neighbour when bands are even; >= the band count covers the image)"
             )
         object.__setattr__(self, "fraction", float(f))
         w = self.warmup_steps
@@ -62,11 +63,17 @@ class PatchConfig:
         """The attention window in band heights after warm-up: None = whole image, 0 = own band."""
         return {Mode.PCPP: self.fraction, Mode.NAIVE: 0.0}.get(self.mode)
 
-    def is_synchronous(self, call_index: int) -> bool:
-        """Whether the `call_index`-th call of a slot waits for fresh data from the other bands."""
+    def is_synchronous(self, step: int, *, first_of_slot: bool = False) -> bool:
+        """Whether a call at warm-up position `step` waits for fresh data from the other bands.
+
+        `step` is the sampler step of the call (see slots.SlotTracker), or, for a caller that
+        gives none, the call's index within its slot. A slot's first call is synchronous
+        whatever its step: there is nothing stale to use yet. Naive mode never exchanges.
+        """
         if self.mode is Mode.NAIVE:
             return False
-        return self.mode is Mode.SYNC or self.fresh_activations or call_index < self.warmup_steps
+        return (self.mode is Mode.SYNC or self.fresh_activations or first_of_slot
+                or step < self.warmup_steps)
 
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")

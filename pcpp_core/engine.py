@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import PatchConfig, PoolConfig
-from .errors import BandSizeError, ConfigError
+from .errors import BandSizeError, ConfigError, WorkerError
 from .geometry import Bands
 from .plans import find_plan
 from .pool import WorkerPool
@@ -199,8 +199,8 @@ class Engine:
         stage = make_private_dir(staging_root(self.pool_config.staging_dir), "stage")
         try:
             path, nbytes = stage_model(model, base, stage, f"model-{version[:12]}.pt")
-            replies = self.pool.request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
-                                        timeout=max(self.pool_config.call_timeout_s, 600))
+            replies = self._request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
+                                    timeout=max(self.pool_config.call_timeout_s, 600))
         finally:
             remove_dir(stage)  # the workers keep their mappings; the name is no longer needed
         self._levels = replies[0]["levels"]
@@ -216,8 +216,8 @@ class Engine:
         payload = None
         if weights is not None:
             payload = {"key": weights.patches_key, "applier": weights.applier, "data": weights.patches()}
-        replies = self.pool.request({r: ("patch", payload) for r in range(self.pool.size)},
-                                    timeout=max(self.pool_config.call_timeout_s, 600))
+        replies = self._request({r: ("patch", payload) for r in range(self.pool.size)},
+                                timeout=max(self.pool_config.call_timeout_s, 600))
         nbytes = len(payload["data"]) if payload else 0
         self._patches_key = None if weights is None else weights.patches_key
         self.stats.model_bytes_sent += nbytes
@@ -239,7 +239,8 @@ class Engine:
 
     # -- one evaluation -------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, *args: Any, slot: Hashable = None,
-                 batch_chunks: int = 1, model_key: Hashable = None, weights: WeightSource | None = None,
+                 batch_chunks: int = 1, model_key: Hashable = None, step: int | None = None,
+                 weights: WeightSource | None = None,
                  **kwargs: Any) -> torch.Tensor:
         """`model(x, *args, **kwargs)` computed on bands; returns the full output on x's device.
 
@@ -247,6 +248,9 @@ class Engine:
         the step): stale buffers never cross slots. `batch_chunks=2` says the batch is two
         equal halves (cond, uncond) that cfg_split may put on two device groups. `model_key`
         joins the model's fingerprint (model_version); `weights` sends base + patches instead (load).
+        `step` is the sampler step of the call (slots.SlotTracker gives slot and step from the
+        sigma): warm-up counts steps; without it, the slot's first `warmup_steps` calls are the
+        warm-up. A slot's first call is always synchronous.
         """
         if x.dim() != 4:
             raise ConfigError(f"x must be a latent [B, C, H, W]; got shape {tuple(x.shape)}")
@@ -266,10 +270,10 @@ class Engine:
             for g, group in enumerate(groups):
                 a, kw = (cpu_args, cpu_kwargs) if len(groups) == 1 else _batch_slice(
                     (cpu_args, cpu_kwargs), x.shape[0], g * per, (g + 1) * per)
-                msg = ("call", CallRequest(a, kw, slot, self.patch, group))
+                msg = ("call", CallRequest(a, kw, slot, self.patch, group, step))
                 messages.update({r: msg for r in group})  # one object per group: pickled once
             t0 = time.perf_counter()
-            replies = self.pool.request(messages)
+            replies = self._request(messages)
             seconds = time.perf_counter() - t0
             out = self._assemble(replies, groups, x, per)
             stats: list[CallStats] = [s for _, s in replies.values()]
@@ -278,6 +282,23 @@ class Engine:
                                                stats[0].synchronous, {s.rank: s.seconds for s in stats}))
             self._arm_idle_timer()  # outside a run, every call restarts the idle clock
             return out
+
+    def _request(self, messages: dict[int, Any], timeout: float | None = None) -> dict[int, Any]:
+        """pool.request; after a worker's ConfigError, every rank drops its run state (a bounded
+        wait for in-flight transfers) so the pool can serve the next call, or the pool stops."""
+        try:
+            return self.pool.request(messages, timeout)
+        except ConfigError:
+            if self.pool.started:
+                try:
+                    clean = self.pool.request({r: ("reset", {"timeout_s": 5.0}) for r in range(self.pool.size)})
+                    if not all(clean.values()):
+                        log.warning("a worker's transfers did not finish after a configuration error; "
+                                    "stopping the pool (it restarts on the next call)")
+                        self.pool.kill()
+                except WorkerError as e:  # the pool is stopped already
+                    log.warning("resetting the workers after a configuration error failed: %s", e)
+            raise
 
     def _check_slot_size(self, slot: Hashable, x: torch.Tensor) -> None:
         """One latent size per call slot and run. A run may call the model on several sizes

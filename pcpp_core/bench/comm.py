@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..config import PatchConfig, PoolConfig
@@ -17,6 +19,9 @@ from ..geometry import Bands, LayerSpec, bytes_sent
 from ..plans import find_plan, profile_layers
 from .common import (VAE_FACTOR, Row, base_row, build_unet, emit, fmt_bytes, mode_label, parse_floats,
                      parse_ints, unet_inputs)
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 log = logging.getLogger("pcpp.bench.comm")
 
@@ -91,32 +96,43 @@ def cross_check(size: int, band_counts: list[int], fractions: list[float], warmu
     x = torch.randn(2, unet.config.in_channels, size, size, generator=gen)
     t = torch.tensor([500.0, 500.0])
     ctx = torch.stack([emb[0], emb[12]])
-    plan = find_plan(unet)
-    specs = profile_layers(unet, plan, x, t, encoder_hidden_states=ctx)
     rows: list[Row] = []
     for n in band_counts:
-        bands = Bands.split(size, size, n, plan.levels(unet))
         engine = Engine(PoolConfig(devices=("cpu",) * n, threads_per_worker=1))
         try:
-            for mode, fraction, window, exchange in mode_windows(fractions) + [("sync", None, None, True)]:
-                engine.new_run(PatchConfig(mode=mode, fraction=fraction or 0.0, warmup_steps=warmup))
-                for _ in range(warmup + 1):
-                    engine(unet, x, t, encoder_hidden_states=ctx, slot="cfg", batch_chunks=2)
-                calls = engine.stats.calls
-                for call in ([calls[0]] if calls[0].synchronous and len(calls) > 1 else []) + [calls[-1]]:
-                    win = None if call.synchronous and mode != "naive" else window
-                    expected = {b: bytes_sent(specs, bands, b, batch=2, element_size=4, fraction=win,
-                                              exchange=exchange) for b in range(n)}
-                    ok = expected == call.bytes_sent
-                    rows.append(base_row(
-                        "comm-check", mode, fraction, n, size, size, model="pcpp-tiny-unet",
-                        call="warm-up" if call.synchronous else "steady", bytes_analytic=max(expected.values()),
-                        bytes_measured=max(call.bytes_sent.values()), match=ok,
-                        per_rank_analytic=[expected[b] for b in range(n)],
-                        per_rank_measured=[call.bytes_sent[b] for b in range(n)],
-                        _label=mode_label(mode, fraction), _match="yes" if ok else "NO"))
+            rows += engine_bytes_rows(engine, unet, x, t, ctx, fractions, warmup)
         finally:
             engine.shutdown()
+    return rows
+
+
+def engine_bytes_rows(engine: "Engine", unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                      ctx: torch.Tensor, fractions: list[float], warmup: int = 1) -> list[Row]:
+    """Every mode on `engine` with the CFG batch `x` [2, C, H, W]: each rank's bytes sent in a
+    warm-up and a steady call against `bytes_sent` (activations of x's element size). Also the
+    doctor's check, on whatever devices the engine runs."""
+    plan = find_plan(unet)
+    specs = profile_layers(unet, plan, x, t, encoder_hidden_states=ctx)
+    n, size, element_size = engine.pool_config.world_size, x.shape[2], x.element_size()
+    bands = Bands.split(size, x.shape[3], n, plan.levels(unet))
+    rows: list[Row] = []
+    for mode, fraction, window, exchange in mode_windows(fractions) + [("sync", None, None, True)]:
+        engine.new_run(PatchConfig(mode=mode, fraction=fraction or 0.0, warmup_steps=warmup))
+        for _ in range(warmup + 1):
+            engine(unet, x, t, encoder_hidden_states=ctx, slot="cfg", batch_chunks=2)
+        calls = engine.stats.calls
+        for call in ([calls[0]] if calls[0].synchronous and len(calls) > 1 else []) + [calls[-1]]:
+            win = None if call.synchronous and mode != "naive" else window
+            expected = {b: bytes_sent(specs, bands, b, batch=x.shape[0], element_size=element_size, fraction=win,
+                                      exchange=exchange) for b in range(n)}
+            ok = expected == call.bytes_sent
+            rows.append(base_row(
+                "comm-check", mode, fraction, n, size, x.shape[3], model="pcpp-tiny-unet",
+                call="warm-up" if call.synchronous else "steady", bytes_analytic=max(expected.values()),
+                bytes_measured=max(call.bytes_sent.values()), match=ok,
+                per_rank_analytic=[expected[b] for b in range(n)],
+                per_rank_measured=[call.bytes_sent[b] for b in range(n)],
+                _label=mode_label(mode, fraction), _match="yes" if ok else "NO"))
     return rows
 
 
