@@ -204,6 +204,7 @@ def with_scaled_weights(model: nn.Module) -> nn.Module:
             if module.bias is not None:
                 module.bias.data /= 2
             module.register_buffer("scale_weight", torch.tensor(2.0))
+    return model
 
 
 def tiny_comfy_unet_with_context_in_self_attention() -> nn.Module:
