@@ -38,8 +38,7 @@ class WindowAttention(BandLayer):
         if context.shape[:2] != x.shape[:2] or value.shape[:2] != x.shape[:2]:
             # a per-token patch (a hypernetwork) may transform the band's own tokens into K/V inputs;
             # anything with other tokens is cross-attention
-            raise UnsupportedModelError(f"{self.layer_name}: self-attention called with a context of "
-                                        f"{tuple(context.shape)} for {tuple(x.shape)}")
+            raise UnsupportedModelError(f"{self.layer_name}: self-attention called with a context")
         call = self.call
         m = self.inner
         bands, band = call.bands, call.band
