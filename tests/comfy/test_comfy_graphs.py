@@ -188,3 +188,16 @@ def test_unknown_patches_fall_back_visibly(comfy, unet, inputs):  # noqa: F811
     parallel, hook = pcpp(comfy, model, mode="sync")
     out = sample(comfy, parallel, inputs)
     assert "'new_kind_patch'" in hook.last_stats["fallback"] and torch.equal(out, ref)
+
+
+def test_perturbed_attention_guidance_runs_stale_in_pcpp_mode(comfy, unet, inputs):  # noqa: F811
+    """After warm-up PAG's extra call (its own call slot at the same sigma) runs on stale neighbours too."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    model = PerturbedAttentionGuidance.execute(unet, 3.0).result[0]
+    parallel, hook = pcpp(comfy, model, mode="pcpp", warmup_steps=1)
+    out = sample(comfy, parallel, inputs, cfg=3.0)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["calls"] == 2 * 3
+    assert 0 < stats["bytes_per_call"] < stats["bytes_per_call_warmup"]  # steps 2 and 3: window rows only
+    assert torch.isfinite(out).all()
