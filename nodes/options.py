@@ -1,9 +1,10 @@
 """What of a ComfyUI model call can travel to the worker processes (plain Python, no ComfyUI).
 
 Everything the engine sends is pickled to the workers on every call, and the workers run the
-model without the host's Python objects. Tensors and plain data travel; host-side patches
-(callables that ComfyUI nodes put in `transformer_options`) cannot run there, so a call that
-holds them must run on the host instead, and the user must be told.
+model without the host's Python objects. Tensors and plain data travel; model patches (callables
+that ComfyUI nodes put in `transformer_options`) travel only when they are band-local and a
+worker can import them (patches.py); a call holding any other callable must run on the host
+instead, and the user must be told.
 """
 from __future__ import annotations
 
