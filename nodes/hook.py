@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 import torch
@@ -25,7 +25,7 @@ import comfy.cli_args
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-from pcpp_core import (ConfigError, Engine, Mode, PatchConfig, PoolConfig, StagingError, find_plan, parse_devices,
+from pcpp_core import (BandSizeError, ConfigError, Engine, Mode, PatchConfig, PoolConfig, StagingError, find_plan, parse_devices,
                        shared_engine)
 from pcpp_core.staging import install_cleanup
 from pcpp_core.limits import HostLimits
@@ -121,8 +121,9 @@ def pool_config(devices: tuple[str, ...]) -> PoolConfig:
 class PCPPHook:
     """The node's settings as they travel in transformer_options; the last run's stats come back here."""
 
-    def __init__(self, settings: PCPPSettings):
+    def __init__(self, settings: PCPPSettings, node_id: str | None = None):
         self.settings = settings
+        self.node_id = node_id  # PCPP Parallel Model's id: its stats go to the front end as a message
         self.last_stats: dict[str, Any] | None = None
 
 
@@ -141,6 +142,7 @@ class RunState:
     plain_seconds: float = 0.0
     host_device: str = "cpu"  # where the host's copy of the diffusion model is during this run
     model_bytes_sent: int = 0  # weights sent before a fallback dropped the engine
+    host_calls: dict[str, int] = field(default_factory=dict)  # why some calls ran whole on the host -> how many
     _weights: Any = False  # the run's delivery.weight_source, computed on first use (False: not yet)
     tracker: SlotTracker | None = None  # from the run's sigmas (None: unknown, see call_slot)
 
@@ -189,6 +191,21 @@ class RunState:
             self._weights = delivery.weight_source(self.patcher) if self.patcher is not None else None
         return self._weights
 
+    def host_call(self, reason: str, run_model: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One call runs whole on the host while the run stays parallel (e.g. a small area crop)."""
+        if reason not in self.host_calls:
+            log.warning("PCPP: some model calls run whole on the host: %s", reason)
+        self.host_calls[reason] = self.host_calls.get(reason, 0) + 1
+        return self.plain(run_model)
+
+    def partial(self) -> str | None:
+        """The node's text for calls that ran on the host in a parallel run, or None."""
+        if not self.host_calls or self.fallback is not None:
+            return None
+        total = self.plain_calls + (len(self.engine.stats.calls) if self.engine is not None else 0)
+        ran = sum(self.host_calls.values())
+        return f"{ran} of {total} model calls ran whole on the host: " + "; ".join(self.host_calls)
+
     def plain(self, run_model: Callable[[], torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()
         out = run_model()
@@ -210,6 +227,7 @@ class RunState:
                      "weights_on": [f"{self.host_device} (host)"]}
         stats["height"], stats["width"] = (self.shape[2], self.shape[3]) if len(self.shape) == 4 else (0, 0)
         stats["fallback"] = self.fallback
+        stats["partial"] = self.partial()
         return stats
 
 
@@ -262,6 +280,28 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
         patcher.load_device = load_device
         hook.last_stats = run.summary()
         log.info("PCPP run: %s", json.dumps(hook.last_stats))
+        publish(hook)
+
+
+STATS_EVENT = "pcpp.stats"  # websocket event: {"node": id, "stats": {...}} for PCPP Parallel Model
+
+
+def publish(hook: PCPPHook) -> None:
+    """Send the run's stats to the front end for a node that has no output of its own after the run.
+
+    PCPP Parallel Model runs before the sampler, so its UI output cannot carry them; the event
+    (keyed by the node's id) lets the canvas show them, fallback included. No server (a script
+    using ComfyUI as a library): the log line above is all there is.
+    """
+    if hook.node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(STATS_EVENT, {"node": str(hook.node_id), "stats": hook.last_stats})
 
 
 def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -281,8 +321,9 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
             run.fall_back(reason)
     if run.engine is None:
         return run.plain(host)
-    composition = tuple(transformer_options.get("cond_or_uncond") or (0,))
-    chunks = 2 if len(composition) == 2 and x.shape[0] % 2 == 0 else 1
+    cond_or_uncond = tuple(transformer_options.get("cond_or_uncond") or (0,))
+    chunks = 2 if len(cond_or_uncond) == 2 and x.shape[0] % 2 == 0 else 1
+    composition = (cond_or_uncond, tuple(x.shape[2:]))  # each latent size its own slot: area crops
     slot, step = run.call_slot(composition, transformer_options.get("sigmas"))
     try:
         return run.engine(executor.class_obj, x, timesteps, context=context, y=y, control=control,
@@ -290,7 +331,9 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
                           model_key=run.weights_tag(), weights=run.weights(), **kwargs)
     except StagingError:  # the machine's staging dir, not this run's inputs: the prompt fails naming it
         raise
-    except ConfigError as e:  # e.g. weights patched on the fly (lowvram), an area-conditioning crop too small
+    except BandSizeError as e:  # e.g. an area-conditioning crop too small for the bands: this call whole
+        return run.host_call(f"a {x.shape[2]}x{x.shape[3]} latent cannot be split ({e})", host)
+    except ConfigError as e:  # e.g. weights patched on the fly (lowvram)
         run.fall_back(str(e))
         return run.plain(host)
 
@@ -307,10 +350,11 @@ def _inner_wrappers(executor) -> str | None:
 _HOOKED = ((_WRAPPERS.OUTER_SAMPLE, outer_sample_wrapper), (_WRAPPERS.DIFFUSION_MODEL, diffusion_model_wrapper))
 
 
-def apply_pcpp(model: Any, settings: PCPPSettings) -> tuple[Any, PCPPHook]:
-    """A clone of the ModelPatcher that samples with PCPP; the input model is left untouched."""
+def apply_pcpp(model: Any, settings: PCPPSettings, node_id: str | None = None) -> tuple[Any, PCPPHook]:
+    """A clone of the ModelPatcher that samples with PCPP; the input model is left untouched.
+    `node_id`: the node to send each run's stats to (see publish)."""
     patched = remove_pcpp(model).clone()
-    hook = PCPPHook(settings)
+    hook = PCPPHook(settings, node_id)
     patched.model_options.setdefault("transformer_options", {})[HOOK_KEY] = hook
     for kind, wrapper in _HOOKED:
         patched.add_wrapper_with_key(kind, HOOK_KEY, wrapper)

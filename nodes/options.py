@@ -1,9 +1,10 @@
 """What of a ComfyUI model call can travel to the worker processes (plain Python, no ComfyUI).
 
 Everything the engine sends is pickled to the workers on every call, and the workers run the
-model without the host's Python objects. Tensors and plain data travel; host-side patches
-(callables that ComfyUI nodes put in `transformer_options`) cannot run there, so a call that
-holds them must run on the host instead, and the user must be told.
+model without the host's Python objects. Tensors and plain data travel; model patches (callables
+that ComfyUI nodes put in `transformer_options`) travel only when they are band-local and a
+worker can import them (patches.py); a call holding any other callable must run on the host
+instead, and the user must be told.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import uuid
 from typing import Any
 
 import torch
+
+from .patches import travelling_patches
 
 HOOK_KEY = "pcpp"  # transformer_options entry holding the node's settings (PCPPHook)
 RUN_KEY = "pcpp_run"  # transformer_options entry holding the current sampling run (RunState)
@@ -41,13 +44,14 @@ def split_transformer_options(options: dict[str, Any]) -> tuple[dict[str, Any], 
         if key in _HOST_ONLY:
             continue
         if key in _PATCH_DICTS:
-            used = sorted(str(name) for name, entries in (value or {}).items() if entries)
-            if used:
-                return {}, f"transformer_options[{key!r}] holds host-side patches ({', '.join(used)})"
             continue
         if not is_plain(value):
             return {}, f"transformer_options[{key!r}] holds a {type(value).__name__}, which workers cannot run"
         clean[key] = value
+    patches, reason = travelling_patches(options)  # band-local model patches run in the workers
+    if reason is not None:
+        return {}, reason
+    clean.update(patches)
     return clean, None
 
 

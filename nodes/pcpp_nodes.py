@@ -134,7 +134,7 @@ def off_stats(settings: PCPPSettings, samples: torch.Tensor) -> dict[str, Any]:
     return {"mode": settings.mode, "fraction": float(settings.neighbour_fraction), "bands": 1, "devices": [],
             "calls": 0, "seconds_per_call": 0.0, "bytes_per_call": 0, "bytes_per_call_warmup": 0,
             "height": int(samples.shape[-2]), "width": int(samples.shape[-1]), "fallback": None,
-            "model_bytes_sent": 0, "weights_on": []}
+            "partial": None, "model_bytes_sent": 0, "weights_on": []}
 
 
 class PCPPParallelModel(io.ComfyNode):
@@ -149,6 +149,7 @@ class PCPPParallelModel(io.ComfyNode):
                         "(patch parallelism, PCPP / DistriFusion).",
             inputs=[io.Model.Input("model", tooltip="The model to run in parallel."), *engine_inputs()],
             outputs=[io.Model.Output(tooltip="A copy of the model that samples in parallel; the input is unchanged.")],
+            hidden=[io.Hidden.unique_id],  # each run's stats (and any fallback) go to this node on the canvas
         )
 
     @classmethod
@@ -158,7 +159,8 @@ class PCPPParallelModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, devices, neighbour_fraction, mode, warmup_steps, cfg_split) -> io.NodeOutput:
         settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split)
-        return io.NodeOutput(remove_pcpp(model) if settings.off else apply_pcpp(model, settings)[0])
+        node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
+        return io.NodeOutput(remove_pcpp(model) if settings.off else apply_pcpp(model, settings, node_id)[0])
 
 
 class PCPPExtension(ComfyExtension):

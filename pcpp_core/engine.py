@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import PatchConfig, PoolConfig
-from .errors import ConfigError, WorkerError
+from .errors import BandSizeError, ConfigError, WorkerError
 from .geometry import Bands
 from .plans import find_plan
 from .pool import WorkerPool
@@ -100,7 +100,7 @@ class Engine:
         self._version: str | None = None
         self._patches_key: Hashable = None  # the weight patch set the workers have applied
         self._levels = 0
-        self._run_size: tuple[int, int] | None = None
+        self._slot_sizes: dict[Hashable, tuple[int, int]] = {}  # call slot -> its latent rows x cols
         self.model_loads = 0  # how many times a model version was sent to the workers
         self._lock = threading.Lock()  # one call, run change or shutdown at a time (the idle timer too)
         self._active = False  # between new_run() and end_run(): the pool is never stopped as idle
@@ -133,7 +133,7 @@ class Engine:
             self._cancel_idle_timer()
             self.patch = patch
             self.stats = RunStats(patch.mode.value, patch.fraction, 0, self.pool_config.devices)
-            self._run_size = None  # latent rows x cols, fixed by the run's first call
+            self._slot_sizes = {}  # each slot's latent size is fixed by its first call in the run
             if self.pool.started and self._version is not None:
                 self.pool.request({r: ("reset", None) for r in range(self.pool.size)})  # failed: pool stopped
             self._active = True
@@ -256,10 +256,13 @@ class Engine:
             raise ConfigError(f"x must be a latent [B, C, H, W]; got shape {tuple(x.shape)}")
         with self._lock:
             self.load(model, model_key, weights)
-            self._check_run_size(x)
+            self._check_slot_size(slot, x)
             groups = self._groups(x.shape[0], batch_chunks)
-            Bands.split(x.shape[2], x.shape[3], len(groups[0]), self._levels)  # refuse before sending
-            self._run_size = self._run_size or tuple(x.shape[2:])
+            try:  # refuse before sending
+                Bands.split(x.shape[2], x.shape[3], len(groups[0]), self._levels)
+            except ConfigError as e:
+                raise BandSizeError(str(e)) from e
+            self._slot_sizes.setdefault(slot, tuple(x.shape[2:]))
             per = x.shape[0] // len(groups)
             cpu_args = map_tensors((x, *args), lambda t: t.detach().cpu())
             cpu_kwargs = map_tensors(kwargs, lambda t: t.detach().cpu())
@@ -297,14 +300,16 @@ class Engine:
                     log.warning("resetting the workers after a configuration error failed: %s", e)
             raise
 
-    def _check_run_size(self, x: torch.Tensor) -> None:
-        """One latent size per sampling run. The batch may change between calls (ComfyUI runs
-        cond and uncond together or apart; each composition is its own call slot), the rows and
-        columns may not: stale activations of another size mean nothing."""
-        if self._run_size is not None and tuple(x.shape[2:]) != self._run_size:
+    def _check_slot_size(self, slot: Hashable, x: torch.Tensor) -> None:
+        """One latent size per call slot and run. A run may call the model on several sizes
+        (area conditioning crops the latent), each in its own slot; the batch may change too
+        (cond and uncond together or apart). A slot whose rows and columns change is an error:
+        its stale activations of another size mean nothing."""
+        size = self._slot_sizes.get(slot)
+        if size is not None and tuple(x.shape[2:]) != size:
             raise ConfigError(
-                f"x (the latent) changed size during a sampling run: {tuple(x.shape)} after "
-                f"{self._run_size[0]}x{self._run_size[1]}; keep one size per run, or call new_run() first"
+                f"x (the latent) changed size during a sampling run in call slot {slot!r}: {tuple(x.shape)} "
+                f"after {size[0]}x{size[1]}; give each latent size its own slot, or call new_run() first"
             )
 
     def _assemble(self, replies: dict[int, Any], groups: list[tuple[int, ...]], x: torch.Tensor,

@@ -14,6 +14,12 @@ class UnsupportedModelError(ConfigError):
     """The model is not one of the families the engine can split into bands."""
 
 
+class BandSizeError(ConfigError):
+    """This latent cannot be cut into the devices' bands (too few rows, or rows that are not a
+    multiple of the model's downsampling). Hosts may run such a call whole instead, e.g. a small
+    area-conditioning crop, and say so."""
+
+
 class WorkerError(PCPPError):
     """A worker process died, raised, or stopped answering.
 

@@ -139,11 +139,11 @@ def _check_supported(model: nn.Module, plan: ModelPlan) -> None:
         if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1:
             check_conv(m, name)
         for attr in ("weight_function", "bias_function"):  # ComfyUI's on-the-fly (lowvram) patches
+            # the band layers would run them (they call each module's own forward), but the workers
+            # also apply the weight patches themselves (weights.PatchedWeights): twice would be wrong
             if getattr(m, attr, None):
-                raise UnsupportedModelError(f"{name}: weights are patched on the fly ({attr}); load the model fully")
-        if isinstance(m, (nn.Conv2d, nn.GroupNorm)) and isinstance(getattr(m, "scale_weight", None), torch.Tensor):
-            # band layers read `weight` directly; a per-tensor scale (scaled fp8 files) would be skipped
-            raise UnsupportedModelError(f"{name}: weights are stored scaled (scaled fp8); use an fp16/bf16 model")
+                raise UnsupportedModelError(f"{name}: weights are patched on the fly ({attr}, ComfyUI's lowvram "
+                                            "mode); load the model fully (more VRAM, or --normalvram)")
 
 
 def _targets(model: nn.Module, plan: ModelPlan) -> dict[str, type]:

@@ -182,6 +182,31 @@ def tiny_comfy_unet(seed: int = 0) -> nn.Module:
     return MiniComfyUNet().eval().requires_grad_(False)
 
 
+class ScaledConv2d(nn.Conv2d):
+    """Stores weight/2 and a scale, like ComfyUI's scaled fp8 ops: only its own forward is right."""
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * self.scale_weight, self.bias * self.scale_weight)
+
+
+class ScaledGroupNorm(nn.GroupNorm):
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight * self.scale_weight, self.bias * self.scale_weight,
+                            self.eps)
+
+
+def with_scaled_weights(model: nn.Module) -> nn.Module:
+    """`model` with every Conv2d and GroupNorm storing half its weights and a scale of 2 (same outputs)."""
+    for module in list(model.modules()):
+        if type(module) in (nn.Conv2d, nn.GroupNorm):
+            module.__class__ = ScaledConv2d if type(module) is nn.Conv2d else ScaledGroupNorm
+            module.weight.data /= 2
+            if module.bias is not None:
+                module.bias.data /= 2
+            module.register_buffer("scale_weight", torch.tensor(2.0))
+    return model
+
+
 def tiny_comfy_unet_with_context_in_self_attention() -> nn.Module:
     """attn1 gets the text context: loads fine, but a worker refuses it at its first call."""
     model = tiny_comfy_unet()

@@ -212,7 +212,8 @@ function draw(node, state) {
   const stats = statsLines(state.stats);
   if (stats.length) {
     const box = el("div", { class: "pcpp-stats" });
-    stats.forEach((t) => box.append(el("div", t.startsWith("fell back") ? { class: "pcpp-error" } : {}, t)));
+    const warn = (t) => t.startsWith("fell back") || t.startsWith("partly on the host");
+    stats.forEach((t) => box.append(el("div", warn(t) ? { class: "pcpp-error" } : {}, t)));
     children.push(box);
   }
   root.replaceChildren(...children);
@@ -295,6 +296,13 @@ function addDiagram(node) {
   render(node, state);
 }
 
+function showStats(node, stats) {
+  if (!stats || !node?.pcppDiagram) return;
+  node.pcppDiagram.stats = stats;
+  node.pcppDiagram.key = null;
+  render(node, node.pcppDiagram);
+}
+
 function chain(proto, name, after) {
   const original = proto[name];
   proto[name] = function (...args) {
@@ -320,6 +328,12 @@ app.registerExtension({
     api.addEventListener("graphChanged", () => {
       for (const node of LIVE) if (node.pcppDiagram) render(node, node.pcppDiagram);
     });
+    // PCPP Parallel Model runs before the sampler: the server sends its run's stats afterwards,
+    // keyed by the node's id (nodes/hook.py publish)
+    api.addEventListener("pcpp.stats", (e) => {
+      const id = e.detail?.node;
+      for (const node of LIVE) if (String(node.id) === String(id)) showStats(node, e.detail.stats);
+    });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_IDS.has(nodeData?.name)) return;
@@ -327,11 +341,7 @@ app.registerExtension({
       addDiagram(this);
     });
     chain(nodeType.prototype, "onExecuted", function (message) {
-      const stats = message?.pcpp_stats?.[0];
-      if (!stats || !this.pcppDiagram) return;
-      this.pcppDiagram.stats = stats;
-      this.pcppDiagram.key = null;
-      render(this, this.pcppDiagram);
+      showStats(this, message?.pcpp_stats?.[0]);
     });
     chain(nodeType.prototype, "onConnectionsChange", function () {
       if (this.pcppDiagram) render(this, this.pcppDiagram);

@@ -177,5 +177,6 @@ export function statsLines(s) {
   if (s.model_bytes_sent > 0) lines.push(`model sent to the workers: ${formatBytes(s.model_bytes_sent)}`);
   if (Array.isArray(s.weights_on) && s.weights_on.length) lines.push(`weights on: ${s.weights_on.join(", ")}`);
   if (s.fallback) lines.push(`fell back: ${s.fallback}`);
+  if (s.partial) lines.push(`partly on the host: ${s.partial}`);
   return lines;
 }

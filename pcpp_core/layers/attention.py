@@ -16,11 +16,28 @@ class WindowAttention(BandLayer):
     """Wraps an attention module with `to_q/to_k/to_v/to_out` and `heads` (ComfyUI's
     CrossAttention, diffusers' Attention) used as self-attention."""
 
+    _FORWARDED = frozenset({"to_q", "to_k", "to_v", "to_out", "heads", "dim_head", "scale", "attn_precision"})
+
+    def __getattr__(self, name: str):
+        """The wrapped module's projections: a model that replaces this attention (ComfyUI's
+        `patches_replace`, e.g. PerturbedAttentionGuidance) calls `attn1.to_q` etc. itself."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in WindowAttention._FORWARDED:
+                return getattr(super().__getattr__("inner"), name)
+            raise
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # x: [B, N, C]
         if not self.split_active():
             return self.inner(x, *args, **kwargs)
         context = args[0] if args else kwargs.get("context", kwargs.get("encoder_hidden_states"))
-        if context is not None and context is not x:
+        context = x if context is None else context
+        value = kwargs.get("value")
+        value = context if value is None else value
+        if context.shape[:2] != x.shape[:2] or value.shape[:2] != x.shape[:2]:
+            # a per-token patch (a hypernetwork) may transform the band's own tokens into K/V inputs;
+            # anything with other tokens is cross-attention
             raise UnsupportedModelError(f"{self.layer_name}: self-attention called with a context")
         call = self.call
         m = self.inner
@@ -28,7 +45,7 @@ class WindowAttention(BandLayer):
         level = bands.level_of_tokens(band, x.shape[1])
         r0, r1 = bands.rows(band, level)
         cols = bands.level_size(level)[1]
-        q, k, v = m.to_q(x), m.to_k(x), m.to_v(x)  # [B, N, D] each
+        q, k, v = m.to_q(x), m.to_k(context), m.to_v(value)  # [B, N, D] each
         kv = torch.cat([k, v], dim=-1).view(x.shape[0], r1 - r0, cols, -1)  # [B, h, W, 2D]
         window = call.window if call.exchange else 0.0
         parts: dict[int, torch.Tensor] = {band: kv}
@@ -87,3 +104,26 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m) -> torch.Tenso
     scale = getattr(m, "scale", None)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, heads, N, d/heads]
     return out.transpose(1, 2).reshape(b, n, d).to(dtype)
+
+
+def value_passthrough(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options=None, mask=None) -> torch.Tensor:
+    """Self-attention whose output is its value (each token attends to itself only): what
+    PerturbedAttentionGuidance puts in place of a self-attention. Per token, so exact on a band."""
+    return v
+
+
+class TokenwiseKV:
+    """Per-token MLPs added to attention's K and V inputs, keyed by their width: what a
+    hypernetwork does (ComfyUI's HypernetworkLoader patch, rebuilt here so a worker can unpickle it).
+    Per token, so exact on a band."""
+
+    def __init__(self, hypernet: dict, strength: float):
+        self.hypernet, self.strength = hypernet, strength  # {width: ModuleList([k_mlp, v_mlp])}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options=None):
+        hn = self.hypernet.get(k.shape[-1])
+        if hn is not None:
+            hn.to(k.device)  # pickled on the host's device; a no-op once there
+            k = k + hn[0](k) * self.strength
+            v = v + hn[1](v) * self.strength
+        return q, k, v

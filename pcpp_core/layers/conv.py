@@ -21,11 +21,24 @@ def check_conv(conv: nn.Conv2d, name: str) -> None:
 
 
 class _ConvBase(BandLayer):
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, xb: torch.Tensor) -> torch.Tensor:
+        """The wrapped conv on a band whose border rows (halo) are already in place: [B, C, h+halo, W].
+
+        The conv runs through its own forward, never reading `weight`/`bias`, so ComfyUI's casting
+        ops (manual_cast, lowvram weight functions, scaled fp8, GGUF-style modules) stay in charge.
+        Its own row padding then adds `padding` zero rows above and below the halo; `extra` more
+        rows on top make that offset a whole number of output rows, which are sliced off (exact:
+        every kept output row reads only halo and band rows).
+        """
         c: nn.Conv2d = self.inner
-        w = c.weight.to(x.dtype)
-        b = None if c.bias is None else c.bias.to(x.dtype)
-        return F.conv2d(x, w, b, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+        k, s, p = c.kernel_size[0], c.stride[0], c.padding[0]
+        extra = (-p) % s
+        if extra:
+            xb = F.pad(xb, (0, 0, extra, 0))
+        y = c(xb)  # [B, C', rows with the conv's own row padding, W']
+        first = (p + extra) // s
+        rows = (xb.shape[2] - extra - k) // s + 1  # what a conv without row padding would give
+        return y[:, :, first:first + rows]
 
     def _halo(self) -> tuple[int, int]:
         c: nn.Conv2d = self.inner

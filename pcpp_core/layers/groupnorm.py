@@ -57,6 +57,21 @@ class BandGroupNorm(BandLayer):
         y = (x.reshape(shape).float() - mean[..., None]) * torch.rsqrt(var[..., None] + gn.eps)
         y = y.reshape(x.shape).to(x.dtype)
         if gn.affine:
+            scale, shift = affine_of(gn, x)
             view = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * gn.weight.to(x.dtype).view(view) + gn.bias.to(x.dtype).view(view)
+            y = y * scale.to(x.dtype).view(view) + shift.to(x.dtype).view(view)
         return y
+
+
+def affine_of(gn: nn.GroupNorm, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a GroupNorm as its own forward applies them: float32 [C] each.
+
+    Band layers never read `weight` directly (ComfyUI may cast, patch or dequantize it on the
+    fly): the module runs on a probe whose every group normalises to +-1/sqrt(1 + eps), and the
+    affine is read off its output.
+    """
+    probe = torch.ones(1, gn.num_channels, 2, dtype=like.dtype, device=like.device)  # [1, C, 2]
+    probe[:, :, 1] = -1  # each group: mean 0, variance 1
+    out = gn(probe).float()[0]  # [C, 2]: w * (+-n) + b
+    n = (1.0 + gn.eps) ** -0.5
+    return (out[:, 0] - out[:, 1]) / (2 * n), (out[:, 0] + out[:, 1]) / 2

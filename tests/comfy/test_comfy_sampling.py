@@ -90,7 +90,7 @@ def test_parallel_modes_run_and_report_stats(comfy, unet, inputs, mode):
     out = sample(comfy, model, inputs)
     stats = hook.last_stats
     assert set(stats) == {"mode", "fraction", "bands", "devices", "calls", "seconds_per_call", "bytes_per_call",
-                          "bytes_per_call_warmup", "height", "width", "fallback", "model_bytes_sent",
+                          "bytes_per_call_warmup", "height", "width", "fallback", "partial", "model_bytes_sent",
                           "weights_on"}
     assert stats["mode"] == mode and stats["fraction"] == 0.3 and stats["bands"] == 2
     assert stats["devices"] == ["cpu", "cpu"] and stats["calls"] == STEPS and stats["fallback"] is None

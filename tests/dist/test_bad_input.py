@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pcpp_core import ConfigError, Engine, PatchConfig, PoolConfig, UnsupportedModelError
+from pcpp_core import BandSizeError, ConfigError, Engine, PatchConfig, PoolConfig, UnsupportedModelError
 from conftest import inputs, plain
 
 pytestmark = pytest.mark.dist
@@ -25,12 +25,14 @@ def test_bad_inputs_leave_nothing_half_done(engines, models):
     engine(model, *a, **k)
     small_a, small_k = inputs("comfy", height=16)  # the latent changes size mid-run
     with pytest.raises(ConfigError, match=r"x \(the latent\) changed size during a sampling run.*32x24"):
-        engine(model, *small_a, **small_k)
+        engine(model, *small_a, **small_k)  # the same (default) call slot
+    engine(model, *small_a, slot="area", **small_k)  # another size in its own slot is fine
+    engine(model, *a, **k)  # and the first slot goes on
     with pytest.raises(ConfigError, match="x must be a latent"):
         engine(model, a[0][0], a[1], **k)
     engine.new_run(PatchConfig(mode="sync"))
     tiny_a, tiny_k = inputs("comfy", height=4)  # fewer rows than two bands need
-    with pytest.raises(ConfigError, match="too small for 2 devices.*smallest valid latent height is 8 rows"):
+    with pytest.raises(BandSizeError, match="too small for 2 devices.*smallest valid latent height is 8 rows"):
         engine(model, *tiny_a, **tiny_k)
     with pytest.raises(UnsupportedModelError, match="Sequential"):
         engine(nn.Sequential(nn.Conv2d(4, 4, 3)), *a, **k)

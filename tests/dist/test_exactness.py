@@ -99,3 +99,16 @@ def test_new_run_resets_warmup_and_buffers(engines, models):
     assert [c.synchronous for c in engine.stats.calls] == [True, False]
     for x, y in zip(first, second):
         assert torch.equal(x, y)
+
+
+def test_sync_runs_each_modules_own_forward(engines, models):
+    """Band layers call the wrapped conv/GroupNorm (ComfyUI's casting, scaled fp8, GGUF): a model
+    whose stored weights are half the applied ones (scale 2) stays exact; reading `weight` would not."""
+    from pcpp_testmodels import tiny_comfy_unet, with_scaled_weights
+
+    model, engine = with_scaled_weights(tiny_comfy_unet()), engines[2]
+    args, kwargs = inputs("comfy", batch=1)
+    ref = plain(model, "comfy", args, kwargs)
+    torch.testing.assert_close(ref, plain(models["comfy"], "comfy", args, kwargs), atol=ATOL, rtol=0)
+    engine.new_run(PatchConfig(mode="sync"))
+    torch.testing.assert_close(engine(model, *args, slot="s", **kwargs), ref, atol=ATOL, rtol=0)

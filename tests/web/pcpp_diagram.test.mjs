@@ -113,5 +113,8 @@ test("formatting of bytes, percentages and run stats", () => {
   assert.deepEqual(sent.slice(-2), ["model sent to the workers: 2.50 MB", "weights on: cuda:0, cuda:1, cpu (host)"]);
   const fb = statsLines({ mode: "off", bands: 1, devices: [], calls: 0, bytes_per_call: 0, fallback: "no GPU" });
   assert.equal(fb.at(-1), "fell back: no GPU");
+  const part = statsLines({ mode: "sync", bands: 2, devices: ["cpu", "cpu"], calls: 3, bytes_per_call: 0,
+    fallback: null, partial: "3 of 6 model calls ran whole on the host: a 4x4 latent cannot be split" });
+  assert.equal(part.at(-1), "partly on the host: 3 of 6 model calls ran whole on the host: a 4x4 latent cannot be split");
   assert.deepEqual(statsLines(null), []);
 });

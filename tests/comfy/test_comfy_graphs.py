@@ -1,0 +1,203 @@
+"""Everyday graphs stay parallel (issue 10): ComfyUI's casting ops, area conditioning, model patches.
+
+Each `sync` run on cpu:2 must equal stock sampling with no fallback; what cannot run in the
+workers must fall back visibly, never give a wrong image.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_comfy_sampling import inputs, pcpp, rel_close, sample, unet  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.comfy
+
+
+def _same_weights(comfy, unet, weight_dtype, compute_dtype):  # noqa: F811
+    """The fixture's UNet rebuilt with ComfyUI's ops for `weight_dtype` weights computed in `compute_dtype`."""
+    config = comfy.supported_models.SD15(dict(unet.model.model_config.unet_config))
+    config.set_inference_dtype(weight_dtype, compute_dtype)
+    model = config.get_model({})
+    model.diffusion_model.load_state_dict(unet.model.diffusion_model.state_dict())
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float8_e4m3fn, torch.float16])
+def test_manual_cast_weights_sync_equals_stock(comfy, unet, inputs, weight_dtype):  # noqa: F811
+    """fp8 / fp16 weights behind ComfyUI's manual_cast ops (what UNETLoader's weight_dtype builds)."""
+    cast = _same_weights(comfy, unet, weight_dtype, torch.float32)
+    conv = cast.model.diffusion_model.input_blocks[0][0]
+    assert conv.weight.dtype == weight_dtype and conv.comfy_cast_weights  # really cast on the fly
+    ref = sample(comfy, cast, inputs)
+    model, hook = pcpp(comfy, cast, mode="sync")
+    out = sample(comfy, model, inputs)
+    assert hook.last_stats["fallback"] is None and hook.last_stats["bands"] == 2
+    rel_close(out, ref)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the cast weights do change the image
+
+
+def _with_area(inputs, width: int, height: int, x: int, y: int):  # noqa: F811
+    """ConditioningSetArea on a second prompt, then ConditioningCombine with the first (pixels, as the nodes take)."""
+    import node_helpers
+
+    g = torch.Generator().manual_seed(3)
+    area = node_helpers.conditioning_set_values([[torch.randn(1, 7, 64, generator=g), {}]], {
+        "area": (height // 8, width // 8, y // 8, x // 8), "strength": 1.0, "set_area_to_bounds": False})
+    return dict(inputs, positive=inputs["positive"] + area)  # ConditioningCombine: the lists joined
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_area_conditioning_sync_equals_stock(comfy, unet, inputs, cfg):  # noqa: F811
+    """An 8x8 crop of a 16x16 latent: its own call slot, split into its own two bands."""
+    area = _with_area(inputs, 64, 64, 64, 32)
+    ref = sample(comfy, unet, area, cfg=cfg)
+    assert (ref - sample(comfy, unet, inputs, cfg=cfg)).abs().max() > 1e-3  # the area prompt matters
+    model, hook = pcpp(comfy, unet, mode="sync")
+    out = sample(comfy, model, area, cfg=cfg)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["partial"] is None and stats["bands"] == 2
+    rel_close(out, ref)
+
+
+def test_area_too_small_for_the_bands_runs_whole_on_the_host_and_says_so(comfy, unet, inputs):  # noqa: F811
+    """A 4x4 crop cannot be cut into two bands of 4 rows: that call runs on the host, the rest in parallel."""
+    area = _with_area(inputs, 32, 32, 0, 0)
+    ref = sample(comfy, unet, area)
+    model, hook = pcpp(comfy, unet, mode="sync")
+    out = sample(comfy, model, area)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["bands"] == 2
+    assert stats["partial"].startswith(f"3 of {stats['calls'] + 3} model calls ran whole on the host: a 4x4 latent")
+    rel_close(out, ref)
+
+
+def _blocks_with_attention(unet):  # noqa: F811
+    """(block_name, number, transformer_index, cross-attention width) of every transformer block, as
+    ComfyUI's patches_replace keys name them."""
+    found = []
+    for name, m in unet.model.diffusion_model.named_modules():
+        parts = name.split(".")
+        if not name.endswith("attn2") or "transformer_blocks" not in parts:
+            continue
+        where = {"input_blocks": "input", "output_blocks": "output", "middle_block": "middle"}[parts[0]]
+        number = 0 if where == "middle" else int(parts[1])
+        found.append((where, number, int(parts[parts.index("transformer_blocks") + 1]), m.to_k.out_features))
+    return found
+
+
+def test_ip_adapter_style_attn2_replacement_sync_equals_stock(comfy, unet, inputs):  # noqa: F811
+    """An attn2 replacement holding tensors travels to the workers and runs on each band."""
+    from pcpp_testpatches import ImagePromptAttention
+
+    g = torch.Generator().manual_seed(4)
+    model = unet.clone()
+    blocks = _blocks_with_attention(unet)
+    assert len(blocks) >= 3
+    for where, number, index, width in blocks:
+        patch = ImagePromptAttention(torch.randn(1, 4, width, generator=g), torch.randn(1, 4, width, generator=g))
+        model.set_model_attn2_replace(patch, where, number, index)
+    ref = sample(comfy, model, inputs)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the patch matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert hook.last_stats["fallback"] is None and hook.last_stats["partial"] is None
+    rel_close(out, ref)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_perturbed_attention_guidance_sync_equals_stock(comfy, unet, inputs, cfg):  # noqa: F811
+    """PAG's extra model call per step (its own call slot) with attn1 replaced by "attention = value"."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    model = PerturbedAttentionGuidance.execute(unet, 3.0).result[0]
+    ref = sample(comfy, model, inputs, cfg=cfg)
+    assert (ref - sample(comfy, unet, inputs, cfg=cfg)).abs().max() > 1e-3  # PAG matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs, cfg=cfg)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["partial"] is None
+    assert stats["calls"] == 2 * 3  # the step's own call(s) batched, plus PAG's perturbed call, each step
+    rel_close(out, ref)
+
+
+def _patched(comfy, unet, case):  # noqa: F811
+    if case == "FreeU_V2":
+        from comfy_extras.nodes_freelunch import FreeU_V2
+        return FreeU_V2.execute(unet, 1.3, 1.4, 0.9, 0.2).result[0], "FreeU"
+    if case == "PatchModelAddDownscale":
+        from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+        return PatchModelAddDownscale.execute(unet, 1, 2.0, 0.0, 1.0, False, "bicubic", "bicubic").result[0], \
+            "Deep Shrink"
+    if case == "HyperTile":
+        from comfy_extras.nodes_hypertile import HyperTile
+        return HyperTile.execute(unet, 64, 2, 0, False)[0], "HyperTile"  # a tuple, not a NodeOutput
+    model = unet.clone()  # a replacement a worker cannot import: a closure
+    model.set_model_attn2_replace(lambda q, k, v, extra_options: q * 0.5, "middle", 0, 0)
+    return model, "cannot be pickled"
+
+
+@pytest.mark.parametrize("case", ["FreeU_V2", "PatchModelAddDownscale", "HyperTile", "closure"])
+def test_whole_map_patches_run_plain_and_say_why(comfy, unet, inputs, case):  # noqa: F811
+    """What the README table says: these run plain ComfyUI sampling, the reason on the node; never a wrong image."""
+    model, named = _patched(comfy, unet, case)
+    ref = sample(comfy, model, inputs)
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert named in hook.last_stats["fallback"]
+    assert torch.equal(out, ref)
+
+
+def test_hypernetwork_sync_equals_stock(comfy, unet, inputs, tmp_path):  # noqa: F811
+    """HypernetworkLoader's per-token K/V patches (a random file, loaded by ComfyUI's own loader) run in the workers."""
+    from comfy_extras.nodes_hypernetwork import load_hypernetwork_patch
+
+    g = torch.Generator().manual_seed(6)
+    sd = {"activation_func": "relu", "is_layer_norm": False, "use_dropout": False}
+    for dim in (32, 64):  # the tiny UNet's attention widths (attn1) and its text width (attn2)
+        sd[dim] = {i: {"linear.0.weight": torch.randn(dim * 2, dim, generator=g) * dim ** -0.5,
+                       "linear.0.bias": torch.zeros(dim * 2),
+                       "linear.2.weight": torch.randn(dim, dim * 2, generator=g) * (2 * dim) ** -0.5,
+                       "linear.2.bias": torch.zeros(dim)} for i in (0, 1)}
+    path = tmp_path / "random_hypernetwork.pt"
+    torch.save(sd, path)
+    model = unet.clone()
+    patch = load_hypernetwork_patch(str(path), 1.0)
+    model.set_model_attn1_patch(patch)
+    model.set_model_attn2_patch(patch)  # what HypernetworkLoader does
+    ref = sample(comfy, model, inputs)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the hypernetwork matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert hook.last_stats["fallback"] is None and hook.last_stats["partial"] is None
+    rel_close(out, ref)
+
+
+def test_unknown_patches_fall_back_visibly(comfy, unet, inputs):  # noqa: F811
+    """No silent path: a patch kind the pack does not know runs plain sampling, named on the node."""
+    split = comfy.options.split_transformer_options
+    for options, named in [({"patches": {"new_kind_patch": [print]}}, "does not know"),
+                           ({"patches_replace": {"dit": {("double_block", 0): print}}}, "'dit'"),
+                           ({"patches_replace": {"attn1": {("middle", 0): print}}}, "only PerturbedAttention"),
+                           ({"some_new_option": object()}, "object")]:
+        clean, reason = split(options)
+        assert clean == {} and named in reason, (options, reason)
+    model = unet.clone()
+    model.set_model_patch(lambda h, extra_options: h, "new_kind_patch")  # ComfyUI itself ignores this kind
+    ref = sample(comfy, model, inputs)
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert "'new_kind_patch'" in hook.last_stats["fallback"] and torch.equal(out, ref)
+
+
+def test_perturbed_attention_guidance_runs_stale_in_pcpp_mode(comfy, unet, inputs):  # noqa: F811
+    """After warm-up PAG's extra call (its own call slot at the same sigma) runs on stale neighbours too."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    model = PerturbedAttentionGuidance.execute(unet, 3.0).result[0]
+    parallel, hook = pcpp(comfy, model, mode="pcpp", warmup_steps=1)
+    out = sample(comfy, parallel, inputs, cfg=3.0)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["calls"] == 2 * 3
+    assert 0 < stats["bytes_per_call"] < stats["bytes_per_call_warmup"]  # steps 2 and 3: window rows only
+    assert torch.isfinite(out).all()
