@@ -51,6 +51,9 @@ _CHILD = textwrap.dedent("""
     import os, signal, sys, time
     from pcpp_core.staging import install_cleanup, make_private_dir
     seen = []
+    # Python's own SIGINT handler, as in any interactive or foreground run (a background job may
+    # have inherited SIGINT ignored, and then Python installs none)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.argv[2] == "chain":
         signal.signal(signal.SIGTERM, lambda s, f: (seen.append(s), print("previous handler ran", flush=True), sys.exit(7)))
     install_cleanup()
