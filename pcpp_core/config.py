@@ -41,6 +41,7 @@ class PatchConfig:
     warmup_steps: int = 4  # leading calls per slot that run synchronously with the whole image
     cfg_split: bool = False  # run cond and uncond halves of a batch on two device groups
     fresh_activations: bool = False  # verification: exchange synchronously every call, keep the window
+    compress: str = "none"  # exchange codec of the stale calls (pcpp_core.codecs); warm-up stays exact
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode))
@@ -53,6 +54,9 @@ class PatchConfig:
                 "(1 = whole neighbouring bands; >= the band count covers the image)"
             )
         object.__setattr__(self, "fraction", float(f))
+        from .codecs import get_codec  # the registry names the valid codecs
+
+        object.__setattr__(self, "compress", get_codec(self.compress).name)
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")

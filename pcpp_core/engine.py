@@ -120,6 +120,11 @@ class Engine:
         if self.pool.started and self._version is not None:
             self.pool.request({r: ("reset", None) for r in range(self.pool.size)})
 
+    def debug_baselines(self) -> dict[int, dict]:
+        """Every worker's residual-codec baselines (rank -> {key: (tensor, rows)}), for tests
+        that check sender and receiver hold identical copies; changes nothing."""
+        return self.pool.request({r: ("baselines", None) for r in range(self.pool.size)})
+
     # -- model ----------------------------------------------------------------------------
     def load(self, model: nn.Module, model_key: Hashable = None) -> None:
         """Send `model` to the workers unless this version is already there (see model_version)."""

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .codecs import NONE, Baselines, Codec, get_codec
 from .geometry import Bands
 
 log = logging.getLogger("pcpp.exchange")
@@ -32,6 +33,7 @@ class CallState:
     synchronous: bool  # wait for fresh data from the other bands before using it
     window: float | None  # attention window in band heights; None = whole image
     exchange: bool = True  # False in naive mode: nothing is sent, borders are zero, stats local
+    compress: str = NONE  # codec of the stale (asynchronous) calls; synchronous calls travel exact
 
 
 @dataclass
@@ -45,14 +47,25 @@ class Piece:
 @dataclass
 class _Inflight:
     works: list[Any]
-    received: dict[int, Piece]
+    buffers: dict[int, torch.Tensor]  # what arrives, per band (raw, or a codec's payload)
+    rows: dict[int, Rows]
     sent: list[torch.Tensor]  # kept alive until the sends complete
+    decode: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # codec hook, run once
+    _pieces: dict[int, Piece] | None = None
 
     def wait(self) -> None:
         for w in self.works:
             w.wait()
         self.works.clear()
         self.sent.clear()
+
+    def received(self) -> dict[int, Piece]:
+        """Wait, then the data per band (decoded exactly once: residual baselines advance here)."""
+        self.wait()
+        if self._pieces is None:
+            dec = self.decode
+            self._pieces = {b: Piece(dec(b, t) if dec else t, self.rows[b]) for b, t in self.buffers.items()}
+        return self._pieces
 
 
 Transport = Callable[[dict[int, torch.Tensor], dict[int, torch.Tensor], int], list[Any]]
@@ -80,6 +93,7 @@ class Exchange:
     _inflight: dict[tuple[int, str], _Inflight] = field(default_factory=dict)
     _occurrence: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _tags: dict[str, int] = field(default_factory=dict)
+    baselines: Baselines = field(default_factory=Baselines)  # residual codecs' state, per run
 
     def begin(self, call: CallState, transport: Transport | None) -> None:
         self.call, self.transport = call, transport
@@ -96,6 +110,14 @@ class Exchange:
             inflight.wait()
         self._inflight.clear()
         self._tags.clear()
+        self.baselines.reset()
+
+    def settled_baselines(self) -> dict:
+        """Debug view for tests: decode what has arrived but is not used yet (the same decode the
+        next call would run, done once), then copy every residual baseline to the CPU."""
+        for inflight in self._inflight.values():
+            inflight.received()
+        return self.baselines.snapshot()
 
     def swap(
         self,
@@ -104,12 +126,17 @@ class Exchange:
         recvs: dict[int, tuple[tuple[int, ...], Rows]],
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        channel_dim: int | None = None,
+        send_rows: dict[int, Rows] | None = None,
     ) -> dict[int, Piece]:
         """Send `sends[band]` to each band; return, per band in `recvs`, its data for this call.
 
         Synchronous calls wait and return this call's data. Asynchronous calls return the data
         received during the previous call of this slot (stale) and leave this call's exchange
         in flight; the first call of a slot has nothing stale and runs synchronously.
+        `channel_dim` marks the data compressible by the run's codec (scales per channel);
+        `send_rows` names the image rows of each send (for residual baselines).
         """
         call = self.call
         assert call is not None and self.transport is not None, "swap() outside a call"
@@ -118,16 +145,43 @@ class Exchange:
         key = (call.slot, f"{layer}#{n}")
         tag = self._tags.setdefault(f"{call.slot}:{key[1]}", len(self._tags))
         sends = {b: t.contiguous() for b, t in sends.items()}
-        buffers = {b: torch.empty(shape, dtype=dtype, device=device) for b, (shape, _) in recvs.items()}
-        works = self.transport(sends, buffers, tag)
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in sends.values())
-        fresh = _Inflight(list(works), {b: Piece(buffers[b], recvs[b][1]) for b in buffers}, list(sends.values()))
+        codec = None if channel_dim is None or call.compress == NONE else get_codec(call.compress)
+        wire, buffers, decode = self._codec_hook(codec, key, sends, recvs, dtype, device, channel_dim,
+                                                 send_rows or {})
+        works = self.transport(wire, buffers, tag)
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in wire.values())
+        fresh = _Inflight(list(works), buffers, {b: recvs[b][1] for b in buffers}, list(wire.values()), decode)
         previous = self._inflight.get(key)
         self._inflight[key] = fresh
         if call.synchronous or previous is None:
             if previous is not None:
                 previous.wait()
-            fresh.wait()
-            return fresh.received
-        previous.wait()  # arrived during the previous call of this slot; never blocks this call's sends
-        return previous.received
+            return fresh.received()
+        return previous.received()  # arrived during the previous call of this slot; never blocks this call's sends
+
+    def _codec_hook(self, codec: Codec | None, key: tuple[int, str], sends: dict[int, torch.Tensor],
+                    recvs: dict[int, tuple[tuple[int, ...], Rows]], dtype: torch.dtype, device: torch.device,
+                    channel_dim: int | None, send_rows: dict[int, Rows]):
+        """(what goes on the wire, receive buffers, decode hook) of one swap.
+
+        No codec: raw tensors. Synchronous calls: raw tensors too (exact), which also become the
+        residual baselines. Stale calls: each codec payload, decoded when the data is used.
+        """
+        raw = {b: torch.empty(shape, dtype=dtype, device=device) for b, (shape, _) in recvs.items()}
+        if codec is None:
+            return sends, raw, None
+        assert channel_dim is not None
+        base = self.baselines
+        if self.call.synchronous:
+            if not codec.residual:
+                return sends, raw, None
+            for b, t in sends.items():
+                base.remember((key, b, "tx"), t, send_rows.get(b, (0, 0)))
+            return sends, raw, lambda b, t: base.remember((key, b, "rx"), t, recvs[b][1])
+        wire = {b: base.encode(codec, (key, b, "tx"), t, send_rows.get(b, (0, 0)), channel_dim)
+                for b, t in sends.items()}
+        size = dtype.itemsize
+        buffers = {b: torch.empty(codec.nbytes(shape, channel_dim, size), dtype=torch.uint8, device=device)
+                   for b, (shape, _) in recvs.items()}
+        return wire, buffers, lambda b, t: base.decode(codec, (key, b, "rx"), t, recvs[b][0], recvs[b][1],
+                                                       channel_dim, dtype)

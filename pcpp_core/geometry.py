@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Protocol
 
 from .errors import ConfigError
 
@@ -136,6 +136,12 @@ class LayerSpec:
 STAT_BYTES = 4  # GroupNorm statistics always travel as float32 (mean, variance per group)
 
 
+class SizeFormula(Protocol):
+    """What `bytes_sent` needs of an exchange codec (pcpp_core.codecs.Codec): its exact size."""
+
+    def nbytes(self, shape: tuple[int, ...], channel_dim: int, element_size: int) -> int: ...
+
+
 def bytes_sent(
     specs: Iterable[LayerSpec],
     bands: Bands,
@@ -145,14 +151,24 @@ def bytes_sent(
     element_size: int,
     fraction: float | None,
     exchange: bool = True,
+    codec: SizeFormula | None = None,
 ) -> int:
     """Bytes band `band` sends in one call (one model evaluation).
 
     `fraction` is the attention window (None = whole image, as in every synchronous call);
-    `exchange=False` is naive mode: nothing is sent.
+    `exchange=False` is naive mode: nothing is sent. `codec` (stale calls only) sizes each
+    K/V and conv-halo send; GroupNorm statistics always travel as fp32.
     """
     if not exchange or bands.count == 1:
         return 0
+
+    def size(shape: tuple[int, ...], channel_dim: int) -> int:
+        if not math.prod(shape):
+            return 0
+        if codec is None:
+            return math.prod(shape) * element_size
+        return codec.nbytes(shape, channel_dim, element_size)
+
     total = 0
     others = [j for j in range(bands.count) if j != band]
     for spec in specs:
@@ -160,14 +176,14 @@ def bytes_sent(
         if spec.kind == "conv":
             above, below = conv_halo(spec.kernel, spec.stride, spec.padding)
             # my bottom rows are the halo above the next band; my top rows the halo below the previous
-            rows = (above if band + 1 < bands.count else 0) + (below if band > 0 else 0)
-            total += rows * batch * spec.channels * cols * element_size
+            if band + 1 < bands.count:
+                total += size((batch, spec.channels, above, cols), 1)
+            if band > 0:
+                total += size((batch, spec.channels, below, cols), 1)
         elif spec.kind == "groupnorm":
             total += len(others) * 2 * batch * spec.channels * STAT_BYTES
         else:
-            rows = 0
             for dst in others:
                 lo, hi = bands.needed(dst, band, spec.level, fraction)
-                rows += hi - lo
-            total += 2 * rows * batch * spec.channels * cols * element_size
+                total += size((batch, hi - lo, cols, 2 * spec.channels), -1)  # K/V rows [B, r, W, 2D]
     return total

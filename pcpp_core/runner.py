@@ -13,6 +13,7 @@ from .config import Mode, PatchConfig
 from .errors import ConfigError
 from typing import Callable
 
+from .codecs import NONE
 from .exchange import CallState, Exchange, Transport
 from .geometry import Bands
 from .plans import apply_plan, find_plan
@@ -107,6 +108,7 @@ class BandRunner:
             synchronous=sync,
             window=None if sync and not cfg.fresh_activations else cfg.window_fraction,
             exchange=cfg.mode is not Mode.NAIVE,
+            compress=cfg.compress if cfg.mode in (Mode.PCPP, Mode.DISTRIFUSION) else NONE,
         )
         slot.calls += 1
         kwargs = {k: cut_spatial(v, bands, band) if k in self.plan.spatial_kwargs else v

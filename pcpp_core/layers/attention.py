@@ -30,15 +30,16 @@ class WindowAttention(BandLayer):
         window = call.window if call.exchange else 0.0
         parts: dict[int, torch.Tensor] = {band: kv}
         if call.exchange:
-            sends, recvs = {}, {}
+            sends, recvs, send_rows = {}, {}, {}
             for other in range(bands.count):
                 lo, hi = bands.needed(other, band, level, window)
                 if hi > lo:
                     sends[other] = kv[:, lo - r0: hi - r0]
+                    send_rows[other] = (lo, hi)
                 lo, hi = bands.needed(band, other, level, window)
                 if hi > lo:
                     recvs[other] = ((kv.shape[0], hi - lo, cols, kv.shape[3]), (lo, hi))
-            got = self.swap(sends, recvs, kv)
+            got = self.swap(sends, recvs, kv, channel_dim=-1, send_rows=send_rows)  # K/V: compressible
             for other, (_, (lo, hi)) in recvs.items():
                 piece = got[other]  # may hold more rows than needed (stale from a whole-image call)
                 p0 = piece.rows[0]
