@@ -25,6 +25,7 @@ import comfy.cli_args
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+from pcpp_core.codecs import codec_names
 from pcpp_core import ConfigError, Engine, Mode, PatchConfig, PoolConfig, find_plan, parse_devices, shared_engine
 
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
@@ -46,6 +47,7 @@ class PCPPSettings:
     mode: str = "pcpp"
     warmup_steps: int = 4
     cfg_split: bool = False
+    exchange: str = "none"  # codec of the stale calls (pcpp_core.codecs)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -57,6 +59,8 @@ class PCPPSettings:
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")
+        if self.exchange not in codec_names():
+            raise ConfigError(f"exchange={self.exchange!r} is not a codec; valid: {', '.join(codec_names())}")
         resolve_devices(self.devices)  # raises for a list that names no usable device
 
     @property
@@ -65,7 +69,7 @@ class PCPPSettings:
 
     def patch_config(self) -> PatchConfig:
         return PatchConfig(mode=self.mode, fraction=float(self.neighbour_fraction),
-                           warmup_steps=self.warmup_steps, cfg_split=self.cfg_split)
+                           warmup_steps=self.warmup_steps, cfg_split=self.cfg_split, compress=self.exchange)
 
 
 def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
@@ -180,6 +184,7 @@ class RunState:
                      "bytes_per_call": 0, "bytes_per_call_warmup": 0}
         stats["height"], stats["width"] = (self.shape[2], self.shape[3]) if len(self.shape) == 4 else (0, 0)
         stats["fallback"] = self.fallback
+        stats["exchange"] = self.settings.exchange
         return stats
 
 
