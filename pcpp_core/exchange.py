@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,8 @@ class CallState:
     window: float | None  # attention window in band heights; None = whole image
     exchange: bool = True  # False in naive mode: nothing is sent, borders are zero, stats local
     compress: str = NONE  # codec of the stale (asynchronous) calls; synchronous calls travel exact
+    far_refresh: int = 0  # pcpp far context: rows outside the window held by the receiver, refreshed 1/n per call
+    index: int = 0  # this call's index in its slot (picks the far slice)
 
 
 @dataclass
@@ -115,8 +117,9 @@ class Exchange:
     def settled_baselines(self) -> dict:
         """Debug view for tests: decode what has arrived but is not used yet (the same decode the
         next call would run, done once), then copy every residual baseline to the CPU."""
-        for inflight in self._inflight.values():
-            inflight.received()
+        with torch.inference_mode():  # the baselines are inference tensors, updated in place
+            for inflight in self._inflight.values():
+                inflight.received()
         return self.baselines.snapshot()
 
     def swap(
@@ -128,7 +131,10 @@ class Exchange:
         device: torch.device,
         *,
         channel_dim: int | None = None,
-        send_rows: dict[int, Rows] | None = None,
+        send_rows: dict[int, Sequence[int]] | None = None,
+        recv_rows: dict[int, Sequence[int]] | None = None,
+        spans: dict[int, Rows] | None = None,
+        hold: bool = False,
     ) -> dict[int, Piece]:
         """Send `sends[band]` to each band; return, per band in `recvs`, its data for this call.
 
@@ -136,7 +142,9 @@ class Exchange:
         received during the previous call of this slot (stale) and leave this call's exchange
         in flight; the first call of a slot has nothing stale and runs synchronously.
         `channel_dim` marks the data compressible by the run's codec (scales per channel);
-        `send_rows` names the image rows of each send (for residual baselines).
+        `send_rows`/`recv_rows` name the image rows (dim 1) of each send/receive and `spans[band]`
+        each band's rows, for the baselines; `hold`: the receiver keeps each band's whole span
+        and returns it (pcpp's far context), the rows that arrive updating it.
         """
         call = self.call
         assert call is not None and self.transport is not None, "swap() outside a call"
@@ -145,12 +153,13 @@ class Exchange:
         key = (call.slot, f"{layer}#{n}")
         tag = self._tags.setdefault(f"{call.slot}:{key[1]}", len(self._tags))
         sends = {b: t.contiguous() for b, t in sends.items()}
-        codec = None if channel_dim is None or call.compress == NONE else get_codec(call.compress)
-        wire, buffers, decode = self._codec_hook(codec, key, sends, recvs, dtype, device, channel_dim,
-                                                 send_rows or {})
+        codec = None if channel_dim is None or (call.compress == NONE and not hold) else get_codec(call.compress)
+        rows = _RowInfo(call.band, send_rows or {}, recv_rows or {}, spans or {}, hold)
+        wire, buffers, decode = self._codec_hook(codec, key, sends, recvs, dtype, device, channel_dim, rows)
         works = self.transport(wire, buffers, tag)
         self.bytes_sent += sum(t.numel() * t.element_size() for t in wire.values())
-        fresh = _Inflight(list(works), buffers, {b: recvs[b][1] for b in buffers}, list(wire.values()), decode)
+        got_rows = {b: rows.span(b) if hold else recvs[b][1] for b in buffers}  # held: the whole span returns
+        fresh = _Inflight(list(works), buffers, got_rows, list(wire.values()), decode)
         previous = self._inflight.get(key)
         self._inflight[key] = fresh
         if call.synchronous or previous is None:
@@ -161,27 +170,48 @@ class Exchange:
 
     def _codec_hook(self, codec: Codec | None, key: tuple[int, str], sends: dict[int, torch.Tensor],
                     recvs: dict[int, tuple[tuple[int, ...], Rows]], dtype: torch.dtype, device: torch.device,
-                    channel_dim: int | None, send_rows: dict[int, Rows]):
+                    channel_dim: int | None, rows: "_RowInfo"):
         """(what goes on the wire, receive buffers, decode hook) of one swap.
 
         No codec: raw tensors. Synchronous calls: raw tensors too (exact), which also become the
-        residual baselines. Stale calls: each codec payload, decoded when the data is used.
+        baselines. Stale calls: each codec payload, decoded when the data is used.
         """
         raw = {b: torch.empty(shape, dtype=dtype, device=device) for b, (shape, _) in recvs.items()}
         if codec is None:
             return sends, raw, None
         assert channel_dim is not None
         base = self.baselines
+        keep = codec.residual or rows.hold
         if self.call.synchronous:
-            if not codec.residual:
+            if not keep:
                 return sends, raw, None
-            for b, t in sends.items():
-                base.remember((key, b, "tx"), t, send_rows.get(b, (0, 0)))
-            return sends, raw, lambda b, t: base.remember((key, b, "rx"), t, recvs[b][1])
-        wire = {b: base.encode(codec, (key, b, "tx"), t, send_rows.get(b, (0, 0)), channel_dim)
+            for b, t in sends.items() if codec.residual else ():  # the sender's copy of a residual baseline
+                base.remember((key, b, "tx"), t, rows.span(rows.band))
+            return sends, raw, lambda b, t: base.remember((key, b, "rx"), t, rows.span(b))
+        wire = {b: base.encode(codec, (key, b, "tx"), t, rows.sent(b), rows.span(rows.band), channel_dim)
                 for b, t in sends.items()}
         size = dtype.itemsize
         buffers = {b: torch.empty(codec.nbytes(shape, channel_dim, size), dtype=torch.uint8, device=device)
                    for b, (shape, _) in recvs.items()}
-        return wire, buffers, lambda b, t: base.decode(codec, (key, b, "rx"), t, recvs[b][0], recvs[b][1],
-                                                       channel_dim, dtype)
+        return wire, buffers, lambda b, t: base.decode(codec, (key, b, "rx"), t, recvs[b][0], rows.received(b),
+                                                       rows.span(b), channel_dim, dtype, rows.hold)
+
+
+@dataclass(frozen=True)
+class _RowInfo:
+    """Which image rows a swap's sends and receives carry (empty dicts: no row semantics)."""
+
+    band: int
+    send: dict[int, Sequence[int]]
+    recv: dict[int, Sequence[int]]
+    spans: dict[int, Rows]
+    hold: bool
+
+    def span(self, band: int) -> Rows:
+        return self.spans.get(band, (0, 0))
+
+    def sent(self, band: int) -> Sequence[int] | None:
+        return self.send.get(band)
+
+    def received(self, band: int) -> Sequence[int] | None:
+        return self.recv.get(band)

@@ -93,6 +93,25 @@ class Bands:
         lo, hi = max(w0, s0), min(w1, s1)
         return (lo, hi) if lo < hi else (0, 0)
 
+    def sent_rows(self, dst: int, src: int, level: int, fraction: float | None, far_refresh: int = 0,
+                  step: int = 0) -> tuple[int, ...]:
+        """Image rows of band `src` that travel to band `dst` in one stale call (sorted).
+
+        Without `far_refresh`: the rows `dst`'s window needs. With it (pcpp's far context), also
+        one of `far_refresh` equal slices of the rest of `src`'s band, slice `step % far_refresh`:
+        every row of the band is refreshed at least once in `far_refresh` steps.
+        """
+        lo, hi = self.needed(dst, src, level, fraction)
+        near = range(lo, hi)
+        if not far_refresh or dst == src:
+            return tuple(near)
+        s0, s1 = self.rows(src, level)
+        far = [r for r in range(s0, s1) if not lo <= r < hi]
+        n = min(far_refresh, len(far)) or 1  # never an empty slice while far rows remain
+        c = step % n
+        chunk = far[c * len(far) // n: (c + 1) * len(far) // n]
+        return tuple(sorted([*near, *chunk]))
+
     def level_of_tokens(self, band: int, tokens: int) -> int:
         """The level whose band shape holds `tokens` tokens (attention sees [B, tokens, C])."""
         for level in range(self.levels + 1):
@@ -152,12 +171,15 @@ def bytes_sent(
     fraction: float | None,
     exchange: bool = True,
     codec: SizeFormula | None = None,
+    far_refresh: int = 0,
+    step: int = 0,
 ) -> int:
     """Bytes band `band` sends in one call (one model evaluation).
 
     `fraction` is the attention window (None = whole image, as in every synchronous call);
     `exchange=False` is naive mode: nothing is sent. `codec` (stale calls only) sizes each
-    K/V and conv-halo send; GroupNorm statistics always travel as fp32.
+    K/V and conv-halo send; GroupNorm statistics always travel as fp32. `far_refresh`/`step`:
+    pcpp's far context in a stale call (see `Bands.sent_rows`).
     """
     if not exchange or bands.count == 1:
         return 0
@@ -184,6 +206,6 @@ def bytes_sent(
             total += len(others) * 2 * batch * spec.channels * STAT_BYTES
         else:
             for dst in others:
-                lo, hi = bands.needed(dst, band, spec.level, fraction)
-                total += size((batch, hi - lo, cols, 2 * spec.channels), -1)  # K/V rows [B, r, W, 2D]
+                rows = len(bands.sent_rows(dst, band, spec.level, fraction, far_refresh, step))
+                total += size((batch, rows, cols, 2 * spec.channels), -1)  # K/V rows [B, r, W, 2D]
     return total

@@ -109,6 +109,8 @@ class BandRunner:
             window=None if sync and not cfg.fresh_activations else cfg.window_fraction,
             exchange=cfg.mode is not Mode.NAIVE,
             compress=cfg.compress if cfg.mode in (Mode.PCPP, Mode.DISTRIFUSION) else NONE,
+            far_refresh=cfg.far_refresh if cfg.mode is Mode.PCPP and not cfg.fresh_activations else 0,
+            index=slot.calls,
         )
         slot.calls += 1
         kwargs = {k: cut_spatial(v, bands, band) if k in self.plan.spatial_kwargs else v
