@@ -56,18 +56,21 @@ def test_error_feedback_keeps_both_baselines_identical_and_converges(name):
     target = torch.randn(2, 6, 8, 16, generator=gen)  # [B, rows, W, 2D]
     tx.remember("k", target, (10, 16))  # a synchronous call's exact data covers rows 10..16
     rx.remember("k", target, (10, 16))
-    errors = []
+    first, errors = target.clone(), []
     for step in range(12):
         target = target + 0.05 * torch.randn(target.shape, generator=gen)
         window = target[:, 3:]  # stale calls send the narrower window: rows 13..16
-        data = tx.encode(codec, "k", window, (13, 16), -1)
-        got = rx.decode(codec, "k", data, tuple(window.shape), (13, 16), -1, window.dtype)
-        assert torch.equal(got, tx.snapshot()["k"][0])
+        data = tx.encode(codec, "k", window, range(13, 16), (10, 16), -1)
+        got = rx.decode(codec, "k", data, tuple(window.shape), range(13, 16), (10, 16), -1, window.dtype)
+        held_tx, held_rx = tx.snapshot()["k"], rx.snapshot()["k"]
+        assert torch.equal(held_tx[0], held_rx[0]) and held_tx[1] == held_rx[1] == (10, 16)
+        assert torch.equal(got, held_rx[0][:, 3:])
         errors.append((got - window).pow(2).mean().item())
+    assert torch.equal(held_rx[0][:, :3], first[:, :3])  # rows outside the window keep their values
     frozen = window.clone()
     for _ in range(8):  # the signal stops changing: the leftover error keeps shrinking
-        data = tx.encode(codec, "k", frozen, (13, 16), -1)
-        got = rx.decode(codec, "k", data, tuple(frozen.shape), (13, 16), -1, frozen.dtype)
+        data = tx.encode(codec, "k", frozen, range(13, 16), (10, 16), -1)
+        got = rx.decode(codec, "k", data, tuple(frozen.shape), range(13, 16), (10, 16), -1, frozen.dtype)
     assert (got - frozen).pow(2).mean().item() < 0.5 * errors[-1]
 
 
@@ -92,3 +95,18 @@ def test_patch_config_validates_compress():
     with pytest.raises(ConfigError, match=r"compress='zip'.*none, int8, residual-2bit, residual-1bit"):
         PatchConfig(compress="zip")
     assert codec_names()[0] == "none"
+
+
+@pytest.mark.parametrize("refresh", [1, 3, 4])
+def test_far_slices_cover_the_band_within_far_refresh_steps(refresh):
+    bands = Bands.split(64, 48, 4, 2)
+    for level in (0, 2):
+        for src, dst in ((1, 0), (1, 2), (3, 0)):
+            near = set(range(*bands.needed(dst, src, level, 0.3)))
+            seen = set()
+            for step in range(refresh):
+                rows = bands.sent_rows(dst, src, level, 0.3, refresh, step)
+                assert list(rows) == sorted(set(rows)) and near <= set(rows)
+                seen |= set(rows)
+            assert seen == set(range(*bands.rows(src, level)))  # every row refreshed in one cycle
+    assert bands.sent_rows(0, 1, 0, 0.3) == tuple(range(*bands.needed(0, 1, 0, 0.3)))  # no far context
