@@ -48,6 +48,7 @@ class PCPPSettings:
     warmup_steps: int = 4
     cfg_split: bool = False
     exchange: str = "none"  # codec of the stale calls (pcpp_core.codecs)
+    far_refresh: int = 0  # pcpp far context (PatchConfig.far_refresh)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -61,6 +62,9 @@ class PCPPSettings:
             raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")
         if self.exchange not in codec_names():
             raise ConfigError(f"exchange={self.exchange!r} is not a codec; valid: {', '.join(codec_names())}")
+        r = self.far_refresh
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= 64:
+            raise ConfigError(f"far_refresh={r!r} must be an integer from 0 (window only) to 64")
         resolve_devices(self.devices)  # raises for a list that names no usable device
 
     @property
@@ -69,7 +73,8 @@ class PCPPSettings:
 
     def patch_config(self) -> PatchConfig:
         return PatchConfig(mode=self.mode, fraction=float(self.neighbour_fraction),
-                           warmup_steps=self.warmup_steps, cfg_split=self.cfg_split, compress=self.exchange)
+                           warmup_steps=self.warmup_steps, cfg_split=self.cfg_split, compress=self.exchange,
+                           far_refresh=self.far_refresh if self.mode == "pcpp" else 0)
 
 
 def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
@@ -185,6 +190,7 @@ class RunState:
         stats["height"], stats["width"] = (self.shape[2], self.shape[3]) if len(self.shape) == 4 else (0, 0)
         stats["fallback"] = self.fallback
         stats["exchange"] = self.settings.exchange
+        stats["far_refresh"] = self.settings.far_refresh
         return stats
 
 
