@@ -143,7 +143,7 @@ def predict(args: argparse.Namespace, pixels: int, n: int, v: Variant, bandwidth
     compute = fixed + max(band_flops(args.model, pixels, n, window, args.batch)) / rate
     comm = max(v.sent(specs, bands, b, None, **kw) for b in range(n)) / bandwidth
     codec_s = 0.0
-    if v.codec != NONE and args.codec_device != "none":  # encode what this band sends + decode what it receives (about as much)
+    if v.codec != NONE and args.codec_device != "none":  # encode the sends + decode the receives (as many)
         per_send, per_element = codec_cost(v.codec, args.codec_device, args.element_size)
         raw = Variant(v.mode, v.fraction, v.window, v.exchange, NONE, v.far)
         elements = max(raw.sent(specs, bands, b, None, **kw) for b in range(n)) / args.element_size

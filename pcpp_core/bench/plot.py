@@ -164,8 +164,8 @@ def plot_codecs(plt: Any, rows: list[Row], path: str) -> None:
                      and r.get("compress", "none") == "none"), None)
         if not base:
             continue
-        pts = sorted((r["bytes_per_step"] / base, r["psnr_db"], mode_label(r["mode"], r["fraction"], r.get("compress")))
-                     for r in sub)
+        pts = sorted((r["bytes_per_step"] / base, r["psnr_db"],
+                      mode_label(r["mode"], r["fraction"], r.get("compress"), r.get("far_refresh"))) for r in sub)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", s=14, label=f"{px}px {n} bands")
         for x, y, label in pts:
             ax.annotate(label, (x, y), fontsize=5, xytext=(3, 2), textcoords="offset points")
@@ -178,7 +178,7 @@ def plot_codecs(plt: Any, rows: list[Row], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("bytes per step / uncompressed distrifusion's")
     ax.set_ylabel("PSNR vs one process (dB)")
-    ax.set_title("Bytes vs fidelity per codec (tiny trained model); line: Pareto front")
+    ax.set_title("Bytes vs fidelity per codec (tiny trained model, fp32); line: Pareto front", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6)
     _save(fig, plt, path)

@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 
 from ..codecs import NONE, codec_names
-from ..config import PatchConfig, PoolConfig
+from ..config import PoolConfig
 from ..engine import Engine
 from ..sampling import cfg_eps, euler_sample
 from .comm import Variant, parse_codecs
-from .common import Row, base_row, emit, mode_label, parse_floats, parse_ints
+from .common import Row, base_row, emit, parse_floats, parse_ints
 
 log = logging.getLogger("pcpp.bench.quality")
 
@@ -65,7 +65,8 @@ def _modes(args: argparse.Namespace) -> list[Variant]:
     modes = [m for m in (m.strip() for m in args.modes.split(",")) if m]
     out: list[Variant] = []
     for mode in modes:
-        out += [Variant(mode, f, f) for f in parse_floats(args.fractions)] if mode == "pcpp" else [Variant(mode, None, None)]
+        fs = parse_floats(args.fractions)
+        out += [Variant(mode, f, f) for f in fs] if mode == "pcpp" else [Variant(mode, None, None)]
     codecs = parse_codecs(args.compress)
     fs, far = parse_floats(args.codec_fractions), [k for k in parse_ints(args.far_refresh) if k]
     for codec in codecs:

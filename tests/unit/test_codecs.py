@@ -23,7 +23,8 @@ def test_payload_size_is_the_size_formula(name, shape, channel_dim, dtype):
 
 
 def test_raw_codec_is_exact_and_int8_within_half_a_step():
-    x = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(1)) * torch.tensor([1, 10, 0.1, 3.0]).view(1, 4, 1, 1)
+    x = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(1))
+    x = x * torch.tensor([1, 10, 0.1, 3.0]).view(1, 4, 1, 1)  # channels of very different size
     assert torch.equal(get_codec("none").decode(get_codec("none").encode(x, 1), x.shape, 1, x.dtype), x)
     int8 = get_codec("int8")
     y = int8.decode(int8.encode(x, 1), x.shape, 1, x.dtype)
