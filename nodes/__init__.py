@@ -11,6 +11,12 @@ from __future__ import annotations
 
 
 async def comfy_entrypoint():
+    import logging
+
+    from pcpp_core.version import __version__
+
     from .pcpp_nodes import PCPPExtension
 
+    # here, not at import: worker processes import this package too (nodes.worker_boot)
+    logging.getLogger("pcpp.nodes").info("ComfyUI-PCPP %s loaded: PCPPKSampler, PCPPParallelModel", __version__)
     return PCPPExtension()

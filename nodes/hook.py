@@ -3,7 +3,7 @@
 Two wrappers, one key ("pcpp"):
 
     OUTER_SAMPLE     once per sampling run: decide parallel or plain (and say why), reset the
-                     engine's stale buffers, count steps by wrapping the sampler's callback
+                     engine's stale buffers, key call slots by the run's sigma schedule
     DIFFUSION_MODEL  once per model call: the engine computes `diffusion_model(x, t, ...)` on
                      bands in worker processes, or the call runs on the host when it cannot
 
@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch
@@ -25,17 +25,28 @@ import comfy.cli_args
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+from pcpp_core import (ConfigError, Engine, Mode, PatchConfig, PoolConfig, StagingError, find_plan, parse_devices,
+                       shared_engine)
+from pcpp_core.staging import install_cleanup
+from pcpp_core.limits import HostLimits
+from pcpp_core.slots import SlotTracker
 from pcpp_core.codecs import codec_names
-from pcpp_core import ConfigError, Engine, Mode, PatchConfig, PoolConfig, find_plan, parse_devices, shared_engine
 
+from . import delivery
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
 
 log = logging.getLogger("pcpp.nodes")
 
 MODES = (*(m.value for m in Mode), "off")  # off: plain ComfyUI sampling, a node-level choice
-MAX_FRACTION = 2.0  # the widget's range; 1 = whole neighbouring bands
+MAX_FRACTION = 2.0  # the widget's range, in units of the band's own height (see PCPPSettings)
 TIMEOUT_ENV = "PCPP_CALL_TIMEOUT_S"
 _WRAPPERS = comfy.patcher_extension.WrappersMP
+install_cleanup()  # staging dirs go on SIGTERM/SIGINT too: set here, in ComfyUI's main thread (prompts run in another)
+
+# PCPP_MAX_WORKERS and PCPP_POOL_IDLE_S, read once when ComfyUI loads the pack (at server start)
+LIMITS = HostLimits.from_env()
+for _problem in LIMITS.problems:
+    log.error("PCPP: %s", _problem)
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,8 @@ class PCPPSettings:
         f = self.neighbour_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= MAX_FRACTION:
             raise ConfigError(f"neighbour_fraction={f!r} is out of range: use 0 (own band only) to "
-                              f"{MAX_FRACTION:g} (1 = whole neighbouring bands)")
+                              f"{MAX_FRACTION:g}, in units of the band's own height (1 = as many rows of each "
+                              "neighbour as the band has: the whole neighbour when bands are even)")
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")
@@ -81,8 +93,9 @@ def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
     """(devices, None) to run in parallel, or (devices, why plain sampling must run instead).
 
     `auto` with fewer than two GPUs is not an error: it means "whatever is there", and one
-    device runs plain ComfyUI sampling. A list that cannot be parsed or names a missing GPU
-    is an error (ConfigError naming `devices`).
+    device runs plain ComfyUI sampling; it never means CPU workers. A list that cannot be
+    parsed, names a missing GPU, or asks for more CPU workers than this server allows
+    (LIMITS: the cores it may use, or PCPP_MAX_WORKERS) is an error (ConfigError naming `devices`).
     """
     if str(spec).strip().lower() == "auto":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -91,6 +104,7 @@ def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
             return found, f"devices='auto' found {n} CUDA GPU(s); parallel sampling needs at least 2"
         return found, None
     devices = parse_devices(spec)
+    LIMITS.check_cpu_workers(spec, devices)  # before any worker is started: a prompt must not fork the host away
     if len(devices) < 2:
         return devices, f"devices={spec!r} is one device only; parallel sampling needs at least 2"
     return devices, None
@@ -110,7 +124,7 @@ def pool_config(devices: tuple[str, ...]) -> PoolConfig:
     flags = {k: v for k, v in vars(comfy.cli_args.args).items() if isinstance(v, (bool, int, float, str, type(None)))}
     flags["cpu"] = devices[0] == "cpu"  # a CPU worker must never ask CUDA for a device
     env = (("PCPP_WORKER_PRELOAD", "nodes.worker_boot"), (ARGS_ENV, json.dumps(flags, sort_keys=True)))
-    return PoolConfig(devices=devices, env=env, call_timeout_s=call_timeout_s())
+    return PoolConfig(devices=devices, env=env, call_timeout_s=call_timeout_s(), idle_timeout_s=LIMITS.pool_idle_s)
 
 
 class PCPPHook:
@@ -123,17 +137,21 @@ class PCPPHook:
 
 @dataclass
 class RunState:
-    """One sampling run: the engine (None while plain), why it is plain, and the step count."""
+    """One sampling run: the engine (None while plain), why it is plain, and its call slots."""
 
     settings: PCPPSettings
     devices: tuple[str, ...]
     shape: tuple[int, ...]
     patcher: Any = None  # the sampling ModelPatcher: which weight patches are applied now
     engine: Engine | None = None
+    started: Engine | None = None  # the engine whose run began (kept after a fallback): end() ends it
     fallback: str | None = None
     plain_calls: int = 0
     plain_seconds: float = 0.0
-    _evals: dict[Hashable, int] = field(default_factory=dict)
+    host_device: str = "cpu"  # where the host's copy of the diffusion model is during this run
+    model_bytes_sent: int = 0  # weights sent before a fallback dropped the engine
+    _weights: Any = False  # the run's delivery.weight_source, computed on first use (False: not yet)
+    tracker: SlotTracker | None = None  # from the run's sigmas (None: unknown, see call_slot)
 
     def fall_back(self, reason: str) -> None:
         """From now on this run samples plainly; said once in the log and in the node's stats."""
@@ -141,25 +159,29 @@ class RunState:
             done = len(self.engine.stats.calls) if self.engine is not None else 0
             self.fallback = f"{reason} (after {done} parallel model calls)" if done else reason
             reason = self.fallback
+            self.model_bytes_sent = self.engine.stats.model_bytes_sent if self.engine is not None else 0
             log.warning("PCPP: running plain ComfyUI sampling instead of mode=%s: %s", self.settings.mode, reason)
         self.engine = None
 
-    def wrap_callback(self, callback: Callable | None) -> Callable:
-        """ComfyUI samplers call the callback once per step: a step boundary for the call slots."""
-        def step_done(*args: Any, **kwargs: Any) -> Any:
-            self._evals.clear()
-            return callback(*args, **kwargs) if callback is not None else None
-        return step_done
+    def end(self) -> None:
+        """The engine's run is over: its idle clock (PCPP_POOL_IDLE_S) may start."""
+        if self.started is not None:
+            self.started.end_run()
+            self.started = None
 
-    def next_slot(self, composition: tuple) -> tuple:
-        """(cond/uncond composition, evaluation index since the last step boundary).
+    def call_slot(self, composition: tuple, sigmas: Any) -> tuple[Hashable, int | None]:
+        """(slot, step) of one model call from its sigma (slots.SlotTracker).
 
-        Heun-like samplers call the model twice per step: each evaluation keeps its own stale
-        buffers. The pairing is fixed for a given sampler, so buffers always meet their own kind.
+        Heun-like samplers evaluate the model twice per step and fire the step callback between
+        the two, so the slot comes from the call's sigma, never from the callback. ComfyUI
+        (0.33 and 0.8: samplers._calc_cond_batch) puts the call's sigmas in
+        transformer_options["sigmas"]; without it (or without a schedule) every call of a
+        composition shares one slot and warm-up counts that slot's calls: right for
+        one-evaluation samplers.
         """
-        index = self._evals.get(composition, 0)
-        self._evals[composition] = index + 1
-        return composition, index
+        if self.tracker is None or not isinstance(sigmas, torch.Tensor) or sigmas.numel() == 0:
+            return (composition, "call", 0), None
+        return self.tracker.evaluation(composition, float(sigmas.flatten()[0]))
 
     def weights_tag(self) -> str:
         """ComfyUI's own name for the weights' state: the engine re-sends the model when it changes.
@@ -169,6 +191,12 @@ class RunState:
         base = getattr(self.patcher, "model", None)
         hooks = getattr(self.patcher, "current_hooks", None)
         return f"{getattr(base, 'current_weight_patches_uuid', None)}:{id(hooks) if hooks is not None else None}"
+
+    def weights(self) -> Any:
+        """Base + patches for the engine (None: the whole model as it is, keyed by weights_tag)."""
+        if self._weights is False:
+            self._weights = delivery.weight_source(self.patcher) if self.patcher is not None else None
+        return self._weights
 
     def plain(self, run_model: Callable[[], torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()
@@ -181,12 +209,14 @@ class RunState:
         """The stats the node shows: the engine's, or the plain calls' when it fell back."""
         if self.fallback is None and self.engine is not None:
             stats = self.engine.stats.summary()
+            stats["weights_on"] = [*stats["weights_on"], f"{self.host_device} (host)"]
         else:
             calls = self.plain_calls
             stats = {"mode": self.settings.mode, "fraction": float(self.settings.neighbour_fraction), "bands": 1,
                      "devices": list(self.devices), "calls": calls,
                      "seconds_per_call": self.plain_seconds / calls if calls else 0.0,
-                     "bytes_per_call": 0, "bytes_per_call_warmup": 0}
+                     "bytes_per_call": 0, "bytes_per_call_warmup": 0, "model_bytes_sent": self.model_bytes_sent,
+                     "weights_on": [f"{self.host_device} (host)"]}
         stats["height"], stats["width"] = (self.shape[2], self.shape[3]) if len(self.shape) == 4 else (0, 0)
         stats["fallback"] = self.fallback
         stats["exchange"] = self.settings.exchange
@@ -205,10 +235,14 @@ def start_run(settings: PCPPSettings, diffusion_model: Any, shape: tuple[int, ..
             find_plan(diffusion_model)
             engine = shared_engine(pool_config(devices))
             engine.new_run(settings.patch_config())
+            run.started = engine
             engine.check_shape(diffusion_model, shape[2], shape[3], 2 if settings.cfg_split else 1)
             run.engine = engine
         except ConfigError as e:  # an unsupported family, or a latent too small for the devices
             reason = str(e)
+        except BaseException:
+            run.end()
+            raise
     if reason is not None:
         run.fall_back(reason)
     return run
@@ -221,14 +255,22 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     hook: PCPPHook = guider.model_options["transformer_options"][HOOK_KEY]
     diffusion_model = getattr(guider.model_patcher.model, "diffusion_model", None)
     run = start_run(hook.settings, diffusion_model, tuple(noise.shape), guider.model_patcher)
+    patcher, load_device = guider.model_patcher, guider.model_patcher.load_device
+    moved = delivery.host_device_for_run(patcher, run.devices) if run.engine is not None else None
+    if moved is not None:  # one copy per GPU: the host samples on the offload device (see ARCHITECTURE.md)
+        patcher.load_device = moved
+    run.host_device = str(patcher.load_device)
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1:
+        run.tracker = SlotTracker([float(s) for s in sigmas.flatten()])
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
-        return executor(noise, latent_image, sampler, sigmas, denoise_mask, run.wrap_callback(callback),
-                        disable_pbar, seed, **kwargs)
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
     finally:
+        run.end()
         guider.model_options = original
+        patcher.load_device = load_device
         hook.last_stats = run.summary()
         log.info("PCPP run: %s", json.dumps(hook.last_stats))
 
@@ -252,10 +294,13 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
         return run.plain(host)
     composition = tuple(transformer_options.get("cond_or_uncond") or (0,))
     chunks = 2 if len(composition) == 2 and x.shape[0] % 2 == 0 else 1
+    slot, step = run.call_slot(composition, transformer_options.get("sigmas"))
     try:
         return run.engine(executor.class_obj, x, timesteps, context=context, y=y, control=control,
-                          transformer_options=clean, slot=run.next_slot(composition), batch_chunks=chunks,
-                          model_key=run.weights_tag(), **kwargs)
+                          transformer_options=clean, slot=slot, step=step, batch_chunks=chunks,
+                          model_key=run.weights_tag(), weights=run.weights(), **kwargs)
+    except StagingError:  # the machine's staging dir, not this run's inputs: the prompt fails naming it
+        raise
     except ConfigError as e:  # e.g. weights patched on the fly (lowvram), an area-conditioning crop too small
         run.fall_back(str(e))
         return run.plain(host)

@@ -16,6 +16,16 @@ from pcpp_core.codecs import codec_names
 from .hook import MAX_FRACTION, MODES, PCPPSettings, apply_pcpp, remove_pcpp, resolve_devices
 
 CATEGORY = "sampling/pcpp"
+# what users type into the node search (front end: name, display_name, search_aliases)
+SEARCH_ALIASES = ["multi-GPU", "multi GPU", "multiple GPUs", "parallel", "patch parallel", "patch parallelism",
+                  "DistriFusion", "PCPP", "distributed sampling"]
+
+
+def schema(**fields: Any) -> io.Schema:
+    """io.Schema, with search_aliases where ComfyUI's V3 Schema has the field (0.33.0 does, v0.8.0 does not)."""
+    if "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {}):
+        fields["search_aliases"] = SEARCH_ALIASES
+    return io.Schema(**fields)
 
 
 def engine_inputs() -> list[io.Input]:
@@ -23,19 +33,21 @@ def engine_inputs() -> list[io.Input]:
     return [
         io.String.Input("devices", default="auto",
                         tooltip="Where the bands run: auto (every visible CUDA GPU), a list such as "
-                                "cuda:0,cuda:1, or cpu:N for N CPU worker processes. Fewer than two "
-                                "devices runs plain ComfyUI sampling, and the stats say so."),
+                                "cuda:0,cuda:1, or cpu:N for N CPU worker processes (at most the cores "
+                                "the server may use, unless it was started with PCPP_MAX_WORKERS). Fewer "
+                                "than two devices runs plain ComfyUI sampling, and the stats say so."),
         io.Float.Input("neighbour_fraction", default=0.3, min=0.0, max=MAX_FRACTION, step=0.05,
-                       tooltip="How much of each neighbouring band a band's self-attention sees, in band "
-                               "heights: 0 = own band only, 1 = whole neighbours. More is closer to the "
-                               "single-GPU image and sends more data (pcpp mode only)."),
+                       tooltip="How many rows of each neighbouring band a band's self-attention sees, in units "
+                               "of the band's own height: 0 = own band only, 1 = as many rows of each "
+                               "neighbour as the band has (the whole neighbour when bands are even). More is "
+                               "closer to the single-GPU image and sends more data (pcpp mode only)."),
         io.Combo.Input("mode", options=list(MODES), default="pcpp",
                        tooltip="pcpp: neighbour window with stale activations (fast). distrifusion: whole-"
                                "image window. naive: bands denoised alone (baseline). sync: exact, every step "
                                "waits for fresh data (same image as one device). off: plain ComfyUI sampling."),
         io.Int.Input("warmup_steps", default=4, min=0, max=10000,
-                     tooltip="Model calls per call slot that run synchronously (exact) before stale "
-                             "activations are used; more steps, closer to the single-GPU image."),
+                     tooltip="Sampler steps that run synchronously (exact) before stale activations are "
+                             "used; more steps, closer to the single-GPU image."),
         io.Boolean.Input("cfg_split", default=False,
                          tooltip="Run the positive and negative prompt on two halves of the devices "
                                  "(needs an even number of devices and cfg > 1)."),
@@ -74,12 +86,12 @@ def check_devices(devices: Any) -> bool | str:
 class PCPPKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="PCPPKSampler",
-            display_name="PCPP KSampler",
+            display_name="PCPP KSampler (multi-GPU)",
             category=CATEGORY,
-            description="KSampler that splits each denoising step into horizontal bands across several "
-                        "devices (Partially Conditioned Patch Parallelism).",
+            description="Multi-GPU KSampler: splits each denoising step into horizontal bands, one per GPU "
+                        "(Partially Conditioned Patch Parallelism, a patch-parallel method after DistriFusion).",
             inputs=[
                 io.Model.Input("model", tooltip="The model used for denoising the input latent."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
@@ -136,18 +148,20 @@ def off_stats(settings: PCPPSettings, samples: torch.Tensor) -> dict[str, Any]:
     return {"mode": settings.mode, "fraction": float(settings.neighbour_fraction), "bands": 1, "devices": [],
             "calls": 0, "seconds_per_call": 0.0, "bytes_per_call": 0, "bytes_per_call_warmup": 0,
             "height": int(samples.shape[-2]), "width": int(samples.shape[-1]), "fallback": None,
-            "exchange": settings.exchange, "far_refresh": settings.far_refresh}
+            "model_bytes_sent": 0, "weights_on": [], "exchange": settings.exchange,
+            "far_refresh": settings.far_refresh}
 
 
 class PCPPParallelModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="PCPPParallelModel",
-            display_name="PCPP Parallel Model",
+            display_name="PCPP Parallel Model (multi-GPU)",
             category=CATEGORY,
             description="Makes every sampler that uses this model (KSamplerAdvanced, SamplerCustomAdvanced, "
-                        "third-party samplers) split each denoising step across several devices.",
+                        "third-party samplers) split each denoising step across several GPUs in bands "
+                        "(patch parallelism, PCPP / DistriFusion).",
             inputs=[io.Model.Input("model", tooltip="The model to run in parallel."), *engine_inputs()],
             outputs=[io.Model.Output(tooltip="A copy of the model that samples in parallel; the input is unchanged.")],
         )

@@ -1,4 +1,4 @@
-"""Command line: `python -m pcpp_core demo ...` and `python -m pcpp_core bench ...`."""
+"""Command line: `python -m pcpp_core demo ...`, `... bench ...` and `... doctor ...`."""
 from __future__ import annotations
 
 import sys
@@ -6,9 +6,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "pcpp_core.demo", "bench": "pcpp_core.bench"}
+    commands = {"demo": "pcpp_core.demo", "bench": "pcpp_core.bench", "doctor": "pcpp_core.doctor"}
     if not argv or argv[0] not in commands:
-        print("usage: python -m pcpp_core {demo|bench} [options]   (add -h after a command for its options)")
+        print("usage: python -m pcpp_core {demo|bench|doctor} [options]   (add -h after a command for its options)")
         return 2
     import importlib
 

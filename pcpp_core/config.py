@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import ConfigError
+from .limits import usable_cores
 
 
 class Mode(str, Enum):
@@ -37,8 +37,8 @@ class PatchConfig:
     """How one sampling run is split; may change between runs without restarting the pool."""
 
     mode: Mode = Mode.PCPP
-    fraction: float = 0.3  # neighbour rows, in band heights, each side of a band (pcpp only)
-    warmup_steps: int = 4  # leading calls per slot that run synchronously with the whole image
+    fraction: float = 0.3  # neighbour rows each side, in units of the band's own height (pcpp only)
+    warmup_steps: int = 4  # leading sampler steps (calls of a slot, without steps) run synchronously
     cfg_split: bool = False  # run cond and uncond halves of a batch on two device groups
     fresh_activations: bool = False  # verification: exchange synchronously every call, keep the window
     compress: str = "none"  # exchange codec of the stale calls (pcpp_core.codecs); warm-up stays exact
@@ -53,7 +53,8 @@ class PatchConfig:
         if math.isnan(f) or f < 0 or f > MAX_FRACTION:
             raise ConfigError(
                 f"fraction={f!r} is out of range: use 0 (own band only) to {MAX_FRACTION:g} "
-                "(1 = whole neighbouring bands; >= the band count covers the image)"
+                "in units of the band's own height (1 = as many rows of each neighbour as the band has: the "
+                "whole neighbour when bands are even; >= the band count covers the image)"
             )
         object.__setattr__(self, "fraction", float(f))
         from .codecs import get_codec  # the registry names the valid codecs
@@ -73,11 +74,17 @@ class PatchConfig:
         """The attention window in band heights after warm-up: None = whole image, 0 = own band."""
         return {Mode.PCPP: self.fraction, Mode.NAIVE: 0.0}.get(self.mode)
 
-    def is_synchronous(self, call_index: int) -> bool:
-        """Whether the `call_index`-th call of a slot waits for fresh data from the other bands."""
+    def is_synchronous(self, step: int, *, first_of_slot: bool = False) -> bool:
+        """Whether a call at warm-up position `step` waits for fresh data from the other bands.
+
+        `step` is the sampler step of the call (see slots.SlotTracker), or, for a caller that
+        gives none, the call's index within its slot. A slot's first call is synchronous
+        whatever its step: there is nothing stale to use yet. Naive mode never exchanges.
+        """
         if self.mode is Mode.NAIVE:
             return False
-        return self.mode is Mode.SYNC or self.fresh_activations or call_index < self.warmup_steps
+        return (self.mode is Mode.SYNC or self.fresh_activations or first_of_slot
+                or step < self.warmup_steps)
 
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
@@ -132,6 +139,8 @@ class PoolConfig:
     start_timeout_s: float = 120.0
     threads_per_worker: int | None = None  # CPU workers: torch threads each (default: cores / workers)
     env: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # extra environment for workers
+    staging_dir: str = ""  # where model files are staged for the workers; $PCPP_STAGING_DIR wins, "" = temp dir
+    idle_timeout_s: float = 0.0  # stop the pool after this long with no run and no call; 0 = never
 
     def __post_init__(self) -> None:
         devs = self.devices
@@ -148,6 +157,11 @@ class PoolConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
                 raise ConfigError(f"{name}={v!r} must be a positive number of seconds")
+        if not isinstance(self.staging_dir, str):
+            raise ConfigError(f"staging_dir={self.staging_dir!r} must be a directory path (or '' for the temp dir)")
+        v = self.idle_timeout_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"idle_timeout_s={v!r} must be a number of seconds >= 0 (0 = keep the pool warm)")
         t = self.threads_per_worker
         if t is not None and (not isinstance(t, int) or t < 1):
             raise ConfigError(f"threads_per_worker={t!r} must be a positive integer or None")
@@ -163,4 +177,4 @@ class PoolConfig:
     def worker_threads(self) -> int:
         if self.threads_per_worker is not None:
             return self.threads_per_worker
-        return max(1, (os.cpu_count() or 1) // self.world_size)
+        return max(1, usable_cores() // self.world_size)

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
 
     # one process, all cores
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    single = cfg_eps(lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, cond, uncond, a.cfg)
+    single = cfg_eps(lambda x, t, c, **_: unet(x, t, encoder_hidden_states=c).sample, cond, uncond, a.cfg)
     t0 = time.perf_counter()
     with torch.inference_mode():
         ref = euler_sample(single, noise, alphas, a.steps)
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
         engine.load(unet)  # start the pool and send the weights once (not part of a step)
         t_start = time.perf_counter() - t0
         engine.new_run(patch)
-        parallel = cfg_eps(lambda x, t, c: engine(unet, x, t, encoder_hidden_states=c, slot="cfg", batch_chunks=2),
+        parallel = cfg_eps(lambda x, t, c, **call: engine(unet, x, t, encoder_hidden_states=c, batch_chunks=2, **call),
                            cond, uncond, a.cfg)
         t0 = time.perf_counter()
         out = euler_sample(parallel, noise, alphas, a.steps)

@@ -28,3 +28,9 @@ class WorkerError(PCPPError):
         if remote_traceback:
             text = f"{text}\n--- remote traceback (rank {rank}) ---\n{remote_traceback.rstrip()}"
         super().__init__(text)
+
+
+class StagingError(ConfigError):
+    """The host cannot stage the model for its workers (no room, no such directory): a machine
+    setting to change (PCPP_STAGING_DIR), not an input of this run, so hosts report it rather
+    than falling back to plain sampling."""

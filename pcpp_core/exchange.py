@@ -8,8 +8,10 @@ background (stale, asynchronous). Layers never call torch.distributed.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 import torch
@@ -55,11 +57,20 @@ class _Inflight:
     decode: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # codec hook, run once
     _pieces: dict[int, Piece] | None = None
 
-    def wait(self) -> None:
+    def wait(self, deadline: float | None = None) -> bool:
+        """Wait for every transfer; with a `deadline` (time.monotonic), False once it passes."""
         for w in self.works:
-            w.wait()
+            if deadline is None:
+                w.wait()
+                continue
+            try:
+                if w.wait(timeout=timedelta(seconds=max(0.001, deadline - time.monotonic()))) is False:
+                    return False
+            except RuntimeError:  # gloo: timed out waiting for the peer's side
+                return False
         self.works.clear()
         self.sent.clear()
+        return True
 
     def received(self) -> dict[int, Piece]:
         """Wait, then the data per band (decoded exactly once: residual baselines advance here)."""
@@ -106,13 +117,19 @@ class Exchange:
         self.call = None
         return self.bytes_sent
 
-    def reset(self) -> None:
-        """Drop every stale buffer (a new sampling run); finishes outstanding sends first."""
-        for inflight in self._inflight.values():
-            inflight.wait()
+    def reset(self, timeout: float | None = None) -> bool:
+        """Drop every stale buffer (a new sampling run); finishes outstanding transfers first.
+
+        After an error a peer may never post its side of a transfer: with a `timeout` (seconds)
+        this gives up and returns False, and the state is no longer safe to use (the host then
+        stops the pool: an orphaned receive would take a later call's data).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        clean = all(inflight.wait(deadline) for inflight in self._inflight.values())
         self._inflight.clear()
         self._tags.clear()
         self.baselines.reset()
+        return clean
 
     def settled_baselines(self) -> dict:
         """Debug view for tests: decode what has arrived but is not used yet (the same decode the
@@ -215,3 +232,63 @@ class _RowInfo:
 
     def received(self, band: int) -> Sequence[int] | None:
         return self.recv.get(band)
+
+
+# ---- diagnostics (`python -m pcpp_core doctor`) ---------------------------------------------
+
+def _pattern(src: int, dst: int, repeat: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """Bytes that differ per (src, dst, repeat), so a stale or misrouted buffer cannot pass."""
+    salt = 1 + src * 131 + dst * 17 + repeat * 7
+    i = torch.arange(nbytes, dtype=torch.int32, device=device)  # [nbytes]
+    return ((i * (2 * salt + 1) + salt) % 256).to(torch.uint8)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _barrier(device: torch.device) -> None:
+    dist.barrier(device_ids=[device.index or 0] if device.type == "cuda" else None)
+
+
+def measure_p2p(rank: int, world: int, device: torch.device, nbytes: int, repeats: int) -> list[dict[str, Any]]:
+    """Send `nbytes` from every rank to every other rank, one ordered pair at a time, through the
+    transport the layers use (`torch_p2p`); the receiver times `repeats` transfers after one
+    untimed one (NCCL sets up a pair's connection on first use) and checks every byte.
+
+    Every rank of the default group must call this together. Returns this rank's receptions:
+    [{"src", "dst", "bytes", "seconds", "gbps", "correct"}].
+    """
+    post = torch_p2p(tuple(range(world)))
+    results: list[dict[str, Any]] = []
+    for src in range(world):
+        for dst in range(world):
+            if src == dst:
+                continue
+            if rank == src:
+                payloads = [_pattern(src, dst, r, nbytes, device) for r in range(repeats + 1)]
+                for p in payloads:
+                    for w in post({dst: p}, {}, 0):
+                        w.wait()
+                _sync(device)
+            elif rank == dst:
+                results.append(_receive(post, src, dst, nbytes, repeats, device))
+            _barrier(device)
+    return results
+
+
+def _receive(post: Transport, src: int, dst: int, nbytes: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(repeats + 1)]
+    for w in post({}, {src: buffers[0]}, 0):  # untimed: connection set-up
+        w.wait()
+    _sync(device)
+    start = time.perf_counter()
+    for buf in buffers[1:]:
+        for w in post({}, {src: buf}, 0):
+            w.wait()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    correct = all(torch.equal(b, _pattern(src, dst, r, nbytes, device)) for r, b in enumerate(buffers))
+    return {"src": src, "dst": dst, "bytes": nbytes, "seconds": seconds,
+            "gbps": nbytes * repeats / max(seconds, 1e-9) / 1e9, "correct": correct}

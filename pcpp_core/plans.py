@@ -34,6 +34,7 @@ class ModelPlan:
     is_self_attention: Callable[[str, nn.Module, nn.Module | None], bool]  # (name, module, parent)
     spatial_kwargs: tuple[str, ...]  # inputs holding [B, C, H_l, W_l] residuals to cut per band
     output: Callable[[Any], torch.Tensor]  # the model's return value -> output tensor
+    check_module: Callable[[str, nn.Module], None] = lambda name, module: None  # family-specific refusals
 
     def levels(self, model: nn.Module) -> int:
         """Number of 2x downsamplings: stride-2 convs and 2x2 pools."""
@@ -71,6 +72,15 @@ def _diffusers_self_attention(name: str, module: nn.Module, parent: nn.Module | 
     return True
 
 
+def _diffusers_check(name: str, module: nn.Module) -> None:
+    # Downsample2D(padding=0) pads a zero row below its input itself: on a band that row would
+    # sit where the next band's first row belongs
+    if type(module).__name__ == "Downsample2D" and getattr(module, "use_conv", False) \
+            and getattr(module, "padding", 1) == 0:
+        raise UnsupportedModelError(f"{name}: Downsample2D with padding=0 (downsample_padding=0) pads its own "
+                                    "bottom row, which bands cannot split; use a model with downsample_padding=1")
+
+
 def _diffusers_output(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -94,6 +104,7 @@ PLANS: tuple[ModelPlan, ...] = (
         spatial_kwargs=("down_block_additional_residuals", "mid_block_additional_residual",
                         "down_intrablock_additional_residuals"),
         output=_diffusers_output,
+        check_module=_diffusers_check,
     ),
 )
 
@@ -120,6 +131,7 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
 
 def _check_supported(model: nn.Module, plan: ModelPlan) -> None:
     for name, m in model.named_modules():
+        plan.check_module(name, m)
         if isinstance(m, _UNHANDLED):
             raise UnsupportedModelError(f"{plan.family}: {name} is a {type(m).__name__}, which bands cannot split")
         if "Video" in type(m).__name__ or "Temporal" in type(m).__name__:

@@ -3,7 +3,7 @@
 Each worker is `python -m pcpp_core.worker` started through subprocess and connected back over
 a multiprocessing Listener on 127.0.0.1 with a per-pool random authkey (sent on the worker's
 stdin), so no one else on the machine can talk to a worker or feed it a pickle. The process
-group meets through a FileStore in a 0700 temporary directory: no rendezvous socket at all.
+group meets through a FileStore in a 0700 temporary directory (staging.py): no rendezvous socket at all.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import PoolConfig
-from .errors import WorkerError
+from .errors import ConfigError, WorkerError
+from .staging import make_private_dir, remove_dir, staging_root, sweep_stale
 
 log = logging.getLogger("pcpp.pool")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+CONFIG_ERROR_GRACE_S = 5.0  # after a worker's ConfigError, how long the other ranks may take to answer
 
 
 def _shutdown_all() -> None:
@@ -39,12 +40,6 @@ def _shutdown_all() -> None:
 
 
 atexit.register(_shutdown_all)
-
-
-def private_dir(prefix: str) -> str:
-    """A 0700 directory, in shared memory when the machine has it (tmpfs: files there are RAM)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
 def control_listener(authkey: bytes) -> Listener:
@@ -61,7 +56,7 @@ class WorkerPool:
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
         self._dir: str | None = None
-        self.workdir: str | None = None  # private directory the engine may put files in
+        self.workdir: str | None = None  # the pool's private directory (rendezvous); model files go to the staging dir
 
     @property
     def size(self) -> int:
@@ -84,7 +79,8 @@ class WorkerPool:
         if self._procs:
             return
         cfg = self.config
-        self._dir = private_dir("pcpp-pool-")
+        sweep_stale([tempfile.gettempdir(), staging_root(cfg.staging_dir)])  # left by hosts killed outright
+        self._dir = make_private_dir(tempfile.gettempdir(), "pool")  # the rendezvous only: a few bytes
         self.workdir = self._dir
         authkey = secrets.token_bytes(32)
         listener = control_listener(authkey)
@@ -153,7 +149,10 @@ class WorkerPool:
         """Send `messages[rank]` to each rank and wait for every answer.
 
         A worker that exits, raises, or is silent past the timeout fails the whole request with
-        WorkerError; the pool is then shut down (the others may be stuck waiting for it).
+        WorkerError; the pool is then shut down (the others may be stuck waiting for it). A
+        configuration problem a worker finds (its ConfigError) is raised here as ConfigError
+        naming the rank; the pool survives when every rank answers within CONFIG_ERROR_GRACE_S
+        and is stopped otherwise.
         """
         if not self._procs:
             raise WorkerError("the pool is not running")
@@ -167,16 +166,23 @@ class WorkerPool:
                 except OSError as e:
                     raise WorkerError(f"cannot be reached ({e})", rank=rank) from e
             return self._gather(list(messages), timeout or self.config.call_timeout_s, messages[next(iter(messages))][0])
+        except ConfigError:
+            raise  # every rank answered (else _gather stopped the pool)
         except BaseException:
             self.kill()  # the others may be blocked on the failed one: no polite shutdown
             raise
 
     def _gather(self, ranks: list[int], timeout: float, doing: str) -> dict[int, Any]:
         results: dict[int, Any] = {}
+        config: dict[int, tuple[str, str]] = {}  # rank -> (message, remote traceback)
         pending = {self._conns[r]: r for r in ranks}
         deadline = time.monotonic() + timeout
         while pending:
             left = deadline - time.monotonic()
+            if left <= 0 and config:
+                self.kill()  # the silent ranks are blocked on the failed one
+                self._raise_config(config, f"rank(s) {sorted(pending.values())} did not answer; the pool "
+                                           "was stopped and restarts on the next call")
             if left <= 0:
                 raise WorkerError(f"no answer to '{doing}' within {timeout:g} s (call_timeout_s); "
                                   "the worker is hung", rank=min(pending.values()))
@@ -187,6 +193,10 @@ class WorkerPool:
                 except (EOFError, OSError):
                     code = self._procs[rank].wait(timeout=5)
                     raise WorkerError(f"died during '{doing}' (exit code {code})", rank=rank) from None
+                if status == "config":  # the others may wait for this rank: give them a short while
+                    config[rank] = (rest[0], rest[1])
+                    deadline = min(deadline, time.monotonic() + CONFIG_ERROR_GRACE_S)
+                    continue
                 if status != "ok":
                     raise WorkerError(f"raised during '{doing}': {rest[0]}", rank=rank, remote_traceback=rest[1])
                 results[rank] = rest[0]
@@ -194,7 +204,16 @@ class WorkerPool:
                 code = self._procs[rank].poll()
                 if code is not None and not conn.poll():
                     raise WorkerError(f"died during '{doing}' (exit code {code})", rank=rank)
+        if config:
+            self._raise_config(config, "the pool is intact")
         return results
+
+    @staticmethod
+    def _raise_config(config: dict[int, tuple[str, str]], state: str) -> None:
+        rank = min(config)
+        message, remote = config[rank]
+        log.debug("worker rank %d configuration error; remote traceback:\n%s", rank, remote)
+        raise ConfigError(f"worker rank {rank}: {message} ({state})")
 
     def kill(self) -> None:
         """Stop every worker at once (after a failure: the others may be stuck in a collective)."""
@@ -223,6 +242,6 @@ class WorkerPool:
             log.info("pool stopped (pids %s)", self.pids)
         self._procs, self._conns = [], []
         if self._dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            remove_dir(self._dir)
             self._dir = self.workdir = None
         _LIVE_POOLS.discard(self)

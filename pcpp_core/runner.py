@@ -4,15 +4,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import nn
 
 from .config import Mode, PatchConfig
 from .errors import ConfigError
-from typing import Callable
-
 from .codecs import NONE
 from .exchange import CallState, Exchange, Transport
 from .geometry import Bands
@@ -30,6 +28,7 @@ class CallRequest:
     slot: Hashable  # the caller's call slot (e.g. cond/uncond composition); shape is added here
     config: PatchConfig
     group: tuple[int, ...]  # global ranks of this call's bands, top to bottom
+    step: int | None = None  # sampler step (warm-up counts steps); None: the call's index in its slot
 
 
 @dataclass
@@ -74,6 +73,13 @@ def cut_spatial(obj: Any, bands: Bands, band: int) -> Any:
     return map_tensors(obj, cut)
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the compute stream only: the stale exchange's transfers, on NCCL's own streams,
+    stay in flight behind the next call."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 @dataclass
 class BandRunner:
     """Owns this worker's patched model, its exchange and its call slots."""
@@ -88,10 +94,11 @@ class BandRunner:
         self.levels = self.plan.levels(self.model)
         apply_plan(self.model, self.plan, self.exchange)
 
-    def reset(self) -> None:
-        """A new sampling run: forget every slot, counter and stale buffer."""
-        self.exchange.reset()
+    def reset(self, timeout: float | None = None) -> bool:
+        """A new sampling run: forget every slot, counter and stale buffer. False when in-flight
+        transfers did not finish within `timeout` seconds (see Exchange.reset)."""
         self._slots.clear()
+        return self.exchange.reset(timeout)
 
     def run(self, req: CallRequest, transport: Callable[[tuple[int, ...]], Transport]) -> tuple[torch.Tensor, CallStats]:
         """One evaluation on this worker's band; `transport(group)` talks to the group's ranks."""
@@ -100,7 +107,7 @@ class BandRunner:
         bands = Bands.split(x.shape[2], x.shape[3], len(req.group), self.levels)
         slot = self._slots.setdefault((req.slot, tuple(x.shape), req.group), _Slot(len(self._slots)))
         cfg = req.config
-        sync = cfg.is_synchronous(slot.calls)
+        sync = cfg.is_synchronous(slot.calls if req.step is None else req.step, first_of_slot=slot.calls == 0)
         call = CallState(
             slot=slot.index,
             bands=bands,
@@ -115,6 +122,7 @@ class BandRunner:
         slot.calls += 1
         kwargs = {k: cut_spatial(v, bands, band) if k in self.plan.spatial_kwargs else v
                   for k, v in req.kwargs.items()}
+        _synchronize(x.device)  # CUDA: the clock measures kernels, not their launches
         start = time.perf_counter()
         self.exchange.begin(call, transport(req.group))
         try:
@@ -122,6 +130,8 @@ class BandRunner:
                 out = self.plan.output(self.model(*req.args, **kwargs))
         finally:
             sent = self.exchange.end()
+        _synchronize(out.device)
+        seconds = time.perf_counter() - start
         if out.shape[2] != bands.rows(band)[1] - bands.rows(band)[0]:
             raise ConfigError(f"the model returned {tuple(out.shape)} for band {band}; expected its rows only")
-        return out, CallStats(self.rank, band, time.perf_counter() - start, sent, sync)
+        return out, CallStats(self.rank, band, seconds, sent, sync)

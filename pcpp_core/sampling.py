@@ -5,11 +5,13 @@ the engine are driven by exactly the same loop; ComfyUI users get ComfyUI's own 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_in [B,C,H,W], t [B]) -> eps
+from .slots import SlotTracker
+
+EpsFn = Callable[..., torch.Tensor]  # (x_in [B,C,H,W], t [B], slot=..., step=...) -> eps
 
 
 def euler_schedule(alphas_cumprod: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,24 +26,31 @@ def euler_schedule(alphas_cumprod: torch.Tensor, steps: int) -> tuple[torch.Tens
 
 def euler_sample(eps_fn: EpsFn, noise: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,
                  callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * eps(x_i / sqrt(sigma_i^2 + 1), t_i); returns x_0."""
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * eps(x_i / sqrt(sigma_i^2 + 1), t_i); returns x_0.
+
+    `eps_fn` also gets the call's `slot` and `step` from a SlotTracker, as the engine takes them.
+    """
     sigmas, ts = euler_schedule(alphas_cumprod, steps)
+    tracker = SlotTracker(sigmas.tolist())
     x = noise * sigmas[0]
     for i in range(steps):
         s = sigmas[i]
-        eps = eps_fn(x / (s * s + 1).sqrt(), ts[i].expand(x.shape[0]))
+        slot, step = tracker.evaluation("eps", float(s))
+        eps = eps_fn(x / (s * s + 1).sqrt(), ts[i].expand(x.shape[0]), slot=slot, step=step)
         x = x + (sigmas[i + 1] - s) * eps
         if callback is not None:
             callback(i, x)
     return x
 
 
-def cfg_eps(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-            cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> EpsFn:
-    """Classifier-free guidance on one batch [cond; uncond], as ComfyUI batches it."""
+def cfg_eps(model_fn: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> EpsFn:
+    """Classifier-free guidance on one batch [cond; uncond], as ComfyUI batches it.
 
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
+    `model_fn(x, t, context, slot=..., step=...)`: the engine uses slot and step, a plain model ignores them.
+    """
+
+    def eps(x: torch.Tensor, t: torch.Tensor, **call: Any) -> torch.Tensor:
+        out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]), **call)
         e_c, e_u = out.chunk(2)
         return e_u + scale * (e_c - e_u)
 

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import PCPPError, WorkerError
 from .exchange import torch_p2p
 from .runner import BandRunner, CallRequest, map_tensors
+from .weights import PatchedWeights
 
 log = logging.getLogger("pcpp.worker")
 
@@ -46,6 +48,7 @@ class Worker:
         self.device = torch.device(boot["device"])
         self.runner: BandRunner | None = None
         self.version: str | None = None
+        self.weights: PatchedWeights | None = None
         self.hang_on_call = os.environ.get("PCPP_TEST_HANG_RANK") == str(self.rank)  # test hook
 
     def init_distributed(self, boot: dict[str, Any]) -> None:
@@ -63,13 +66,25 @@ class Worker:
     def op_load(self, payload: dict[str, Any]) -> dict[str, Any]:
         model = torch.load(payload["path"], mmap=True, weights_only=False, map_location=self.device)
         model.eval().requires_grad_(False)
+        self.weights = PatchedWeights(model)  # by the host's names, before the plan wraps modules
         self.runner = BandRunner(model, self.rank)  # applies the plan
         self.version = payload["version"]
         return {"version": self.version, "levels": self.runner.levels}
 
-    def op_reset(self, payload: Any) -> None:
-        if self.runner is not None:
-            self.runner.reset()
+    def op_patch(self, payload: dict[str, Any] | None) -> int:
+        """Restore the base weights, then apply the host's patch set (None: stay on the base)."""
+        if self.weights is None:
+            raise RuntimeError("no model loaded")
+        if payload is None:
+            self.weights.restore()
+            return 0
+        return self.weights.apply(payload["key"], payload["applier"], payload["data"])
+
+    def op_reset(self, payload: Any) -> bool:
+        """Forget the run's state; payload {"timeout_s": s} bounds the wait for in-flight transfers
+        (after an error). Returns whether the exchange state is clean."""
+        timeout = (payload or {}).get("timeout_s")
+        return self.runner.reset(timeout) if self.runner is not None else True
 
     def op_call(self, req: CallRequest):
         if self.runner is None:
@@ -88,9 +103,17 @@ class Worker:
     def op_ping(self, payload: Any) -> int:
         return os.getpid()
 
+    def op_p2p(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """The doctor's transfer test; every rank gets it at once (see exchange.measure_p2p)."""
+        from .exchange import measure_p2p
+
+        return measure_p2p(self.rank, self.world, self.device, payload["nbytes"], payload["repeats"])
+
     def serve(self, conn) -> None:
         handlers = {"load": self.op_load, "reset": self.op_reset, "call": self.op_call, "ping": self.op_ping,
-                    "baselines": self.op_baselines}
+                    "patch": self.op_patch,
+                    "p2p": self.op_p2p,  # p2p: the doctor's transfer test
+                    "baselines": self.op_baselines}  # tests: residual-codec baselines
         while True:
             try:
                 op, payload = pickle.loads(conn.recv_bytes())
@@ -101,6 +124,9 @@ class Worker:
                 return
             try:
                 reply = ("ok", handlers[op](payload))
+            except PCPPError as e:  # a configuration problem found here (not a crash): the host falls back
+                status = "error" if isinstance(e, WorkerError) else "config"
+                reply = (status, f"{type(e).__name__}: {e}", traceback.format_exc())
             except BaseException as e:  # reported to the host, which decides what survives
                 reply = ("error", f"{type(e).__name__}: {e}", traceback.format_exc())
             conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))

@@ -4,21 +4,27 @@
 // The maths is in pcpp_diagram.js / pcpp_geometry.js (pure, tested against the Python engine);
 // this file only reads the node's widgets, draws, and chains the node's callbacks.
 
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import { DEFAULT_LATENT, diagramModel, formatPercent, PRESETS, statsLines } from "./pcpp_diagram.js";
 
 const NODE_IDS = new Set(["PCPPKSampler", "PCPPParallelModel"]);
+const LIVE = new Set(); // the nodes that have a diagram, so a change elsewhere in the graph redraws them
 const WATCHED = ["devices", "neighbour_fraction", "mode", "cfg_split", "warmup_steps", "steps", "cfg"];
 const SVG_NS = "http://www.w3.org/2000/svg";
 const PIC = 120; // the latent's longer side in the picture, px
 const MIN_WIDTH = 460; // room for the picture and its text beside it
-const MIN_HEIGHT = 200;
+const MIN_HEIGHT = 200; // until the content is measured
+const TEXT_MIN = 150; // narrower than this beside the picture, the text goes under it
+const SLACK = 4; // px below the content: the front end's rounding of widget heights
 const STYLE = `
 .pcpp-diagram { position: relative; display: flex; flex-direction: column; gap: 4px; font: 11px/1.35 sans-serif;
   color: var(--fg-color, #ddd); overflow: hidden; box-sizing: border-box; padding: 2px 0; }
-.pcpp-diagram .pcpp-row { display: flex; gap: 8px; align-items: flex-start; }
-.pcpp-diagram svg { flex: none; cursor: pointer; }
-.pcpp-diagram .pcpp-lines div { margin-bottom: 1px; }
+.pcpp-diagram > * { flex: none; }
+.pcpp-diagram .pcpp-row { display: flex; flex-wrap: wrap; gap: 4px 8px; align-items: flex-start; }
+.pcpp-diagram svg { flex: none; cursor: pointer; max-width: 100%; height: auto; }
+.pcpp-diagram .pcpp-lines { flex: 1 1 ${TEXT_MIN}px; min-width: 0; }
+.pcpp-diagram .pcpp-lines div, .pcpp-diagram .pcpp-stats div { margin-bottom: 1px; overflow-wrap: anywhere; }
 .pcpp-diagram .pcpp-dim { color: var(--descrip-text, #999); }
 .pcpp-diagram .pcpp-big { font-size: 12px; font-weight: 600; }
 .pcpp-diagram .pcpp-error { color: #f87171; }
@@ -176,14 +182,14 @@ function render(node, state, then = null) {
 }
 
 function draw(node, state) {
+  const root = state.root;
+  root.dataset.pcppNode = String(node.id); // first drawn before the graph gave the node its id
   const inputs = readInputs(node, state);
   const key = JSON.stringify(inputs);
   if (key === state.key) return;
   state.key = key;
   const m = diagramModel(inputs);
-  const root = state.root;
   Object.assign(root.dataset, {
-    pcppNode: String(node.id),
     pcppMode: m.mode,
     pcppFraction: String(m.fraction),
     pcppBands: m.bands ? m.bands.bounds.join(",") : "",
@@ -214,13 +220,22 @@ function draw(node, state) {
   node.setDirtyCanvas?.(true, false);
 }
 
-/** Grow the node when the text (e.g. the run stats) needs more room; never shrink it under the user. */
+/**
+ * Keep the node's room for the diagram equal to its content at the node's current width. The text
+ * wraps (CSS), so its height depends on the width: measured after each redraw and whenever the
+ * width changes, it becomes the DOM widget's minimum height (getMinHeight), from which the front end
+ * computes the node's size and grows the node; a node is never shrunk under the user.
+ */
 function fitHeight(node, state) {
-  if (!state.measure || !state.root.isConnected || state.root.clientHeight === 0) return; // not laid out yet
+  const { root } = state;
+  if (!root.isConnected || root.clientWidth === 0) return; // not laid out yet
+  if (!state.measure && root.clientWidth === state.width) return;
   state.measure = false;
-  const last = state.root.lastElementChild; // content height, not the element's (which fills the node)
-  const need = (last ? last.offsetTop + last.offsetHeight : 0) + 24; // + the DOM widget's margins
-  if (need <= state.minHeight) return;
+  state.width = root.clientWidth;
+  const last = root.lastElementChild; // content height, not the element's (which fills the widget)
+  const content = last ? last.offsetTop + last.offsetHeight : 0;
+  const need = Math.ceil(content) + SLACK + 2 * (state.widget?.margin ?? 10); // the DOM widget's margins
+  if (need === state.minHeight) return;
   state.minHeight = need;
   const size = node.computeSize?.();
   if (size && size[1] > node.size[1]) node.setSize([node.size[0], size[1]]);
@@ -246,6 +261,7 @@ function addDiagram(node) {
   const root = el("div", { class: "pcpp-diagram", title: "PCPP bands: click a band to see what its attention sees" });
   const state = { root, band: 0, key: null, stats: null, minHeight: MIN_HEIGHT };
   node.pcppDiagram = state;
+  LIVE.add(node);
   const widget = node.addDOMWidget("pcpp_diagram", "pcpp_diagram", root, {
     serialize: false, // a drawing, not an input: keep it out of the prompt and widgets_values
     hideOnZoom: false,
@@ -257,6 +273,13 @@ function addDiagram(node) {
     onDraw: () => render(node, state, fitHeight),
   });
   widget.serialize = false;
+  state.widget = widget;
+  // the front end sets the element's width (node resized, side panel opened) without always redrawing
+  // the canvas: a redraw lets fitHeight measure the content at the new width
+  state.resized = new ResizeObserver(() => {
+    if (root.clientWidth !== state.width) node.setDirtyCanvas?.(true, true);
+  });
+  state.resized.observe(root);
   root.addEventListener("click", (e) => onClick(node, state, e));
   for (const name of WATCHED) {
     const w = node.widgets?.find((x) => x.name === name);
@@ -288,6 +311,16 @@ app.registerExtension({
       document.head.append(el("style", { id: "pcpp-band-diagram-style" }, STYLE));
     }
   },
+  setup() {
+    // A widget on another node (the latent's width/height, the sampler's steps) changed. The canvas
+    // renderer redraws our node then (onDraw above), but Nodes 2.0 (front end >= 1.27, Vue DOM
+    // nodes; tested on 1.35.9 and 1.49.6) draws no node on the canvas: the front end's change
+    // tracker announces every edit with `graphChanged`, in both renderers. render() only redraws
+    // what changed.
+    api.addEventListener("graphChanged", () => {
+      for (const node of LIVE) if (node.pcppDiagram) render(node, node.pcppDiagram);
+    });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_IDS.has(nodeData?.name)) return;
     chain(nodeType.prototype, "onNodeCreated", function () {
@@ -304,7 +337,9 @@ app.registerExtension({
       if (this.pcppDiagram) render(this, this.pcppDiagram);
     });
     chain(nodeType.prototype, "onRemoved", function () {
+      this.pcppDiagram?.resized?.disconnect();
       this.pcppDiagram = null; // the DOM widget removes its element; drop our references
+      LIVE.delete(this);
     });
   },
 });

@@ -174,6 +174,8 @@ export function statsLines(s) {
   let sent = `sent per call (busiest device): ${formatBytes(steady)}`;
   if (warm > 0) sent += ` · warm-up ${formatBytes(warm)} (${formatPercent(steady / warm)} of it)`;
   lines.push(sent);
+  if (s.model_bytes_sent > 0) lines.push(`model sent to the workers: ${formatBytes(s.model_bytes_sent)}`);
+  if (Array.isArray(s.weights_on) && s.weights_on.length) lines.push(`weights on: ${s.weights_on.join(", ")}`);
   if (s.fallback) lines.push(`fell back: ${s.fallback}`);
   return lines;
 }

@@ -1,18 +1,25 @@
-"""Writes the example workflows, each in UI format (<name>.json) and API format (<name>.api.json).
+"""Writes the example workflows: UI format (<name>.json, listed by ComfyUI's template browser) and
+API format (api/<name>.api.json, the body of POST /prompt; the browser only lists workflows/*.json).
 
 One description per graph, so the two formats cannot drift apart. Run from anywhere:
 
-    python workflows/build_workflows.py
+    python workflows/build_workflows.py                # the .json files
+    python workflows/build_workflows.py --thumbnails   # also <name>.jpg, rendered by the built-in model
 
-Stdlib only: it knows the inputs of the few node types it uses (tests/comfy checks them
-against a running ComfyUI's /object_info).
+Stdlib only for the .json files: it knows the inputs of the few node types it uses (tests/comfy
+checks them against a running ComfyUI's /object_info). The thumbnails run `python -m pcpp_core demo`
+(torch, Pillow) on 2 CPU workers; the template browser shows <name>.jpg beside <name>.json.
 """
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+API_DIR = HERE / "api"  # ComfyUI lists */workflows/*.json as templates, not subfolders
 SEED = "control_after_generate"  # a seed widget: the UI stores one more value after it
 
 # type -> (linked inputs [(name, type)], widget names in order, outputs [(name, type)])
@@ -101,6 +108,59 @@ def api_format(graph: dict[int, tuple]) -> dict[str, dict]:
     return out
 
 
+# [width, height] a node gets in ComfyUI's front end 1.49.6 once drawn (the PCPP nodes: with their band
+# diagram at this width), rounded up; the layout below keeps every node clear of the others at these
+# sizes, which tests/browser/workflows.test.mjs measures after loading each workflow.
+SIZES: dict[str, tuple[int, int]] = {
+    "CheckpointLoaderSimple": (315, 98),
+    "CLIPTextEncode": (400, 200),
+    "EmptyLatentImage": (315, 106),
+    "VAEDecode": (210, 46),
+    "SaveImage": (315, 270),
+    "PCPPKSampler": (460, 600),
+    "PCPPParallelModel": (460, 360),
+    "CFGGuider": (315, 98),
+    "KSamplerSelect": (315, 58),
+    "BasicScheduler": (315, 106),
+    "RandomNoise": (315, 82),
+    "SamplerCustomAdvanced": (272, 126),
+}
+TITLE = 30  # the title bar, drawn above a node's pos
+GAP = (60, 40)  # between columns, between nodes in a column (title bars not counted)
+
+
+def columns(graph: dict[int, tuple]) -> dict[int, int]:
+    """Column of each node, left to right along the links: a node one right of its furthest input; a node
+    without inputs just left of its first consumer, so every link runs rightwards and short."""
+    col: dict[int, int] = {}
+
+    def depth(node_id: int) -> int:
+        if node_id not in col:
+            col[node_id] = 1 + max((depth(src) for src, _ in graph[node_id][2].values()), default=-1)
+        return col[node_id]
+
+    for node_id in graph:
+        depth(node_id)
+    for node_id, (_, _, links) in graph.items():
+        if not links:
+            consumers = [col[dst] for dst, (_, _, l) in graph.items() if any(src == node_id for src, _ in l.values())]
+            col[node_id] = max(0, min(consumers, default=1) - 1)
+    return col
+
+
+def layout(graph: dict[int, tuple]) -> dict[int, list[int]]:
+    """pos of each node: columns as wide as their widest node, nodes stacked in graph order."""
+    col = columns(graph)
+    widths = [max(SIZES[graph[n][0]][0] for n in graph if col[n] == c) for c in range(max(col.values()) + 1)]
+    pos, bottom = {}, [60] * len(widths)
+    for node_id, (kind, _, _) in graph.items():
+        c = col[node_id]
+        y = bottom[c] + TITLE
+        pos[node_id] = [40 + sum(widths[:c]) + GAP[0] * c, y]
+        bottom[c] = y + SIZES[kind][1] + GAP[1]
+    return pos
+
+
 def ui_format(graph: dict[int, tuple]) -> dict:
     """LiteGraph's workflow JSON, the format the ComfyUI frontend saves and loads by drag-and-drop."""
     links, nodes = [], []
@@ -112,13 +172,14 @@ def ui_format(graph: dict[int, tuple]) -> dict:
             links.append([link_id, src, slot, node_id, [n for n, _ in NODE_TYPES[kind][0]].index(name), linked[name]])
             outgoing.setdefault((src, slot), []).append(link_id)
     by_dst = {(l[3], l[4]): l[0] for l in links}
+    pos = layout(graph)
     for order, (node_id, (kind, widgets, _)) in enumerate(graph.items()):
         linked, widget_names, outputs = NODE_TYPES[kind]
         values = []
         for name in widget_names:
             values.append("randomize" if name == SEED else widgets[name])
         nodes.append({
-            "id": node_id, "type": kind, "pos": [60 + 340 * (order % 4), 80 + 300 * (order // 4)], "size": [315, 130],
+            "id": node_id, "type": kind, "pos": pos[node_id], "size": list(SIZES[kind]),
             "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": n, "type": t, "link": by_dst.get((node_id, i))} for i, (n, t) in enumerate(linked)],
             "outputs": [{"name": n, "type": t, "links": outgoing.get((node_id, i), []), "slot_index": i}
@@ -130,11 +191,35 @@ def ui_format(graph: dict[int, tuple]) -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-def main() -> None:
+# the built-in model's training image drawn for each template's thumbnail (its prompt is no text)
+THUMBNAILS = {
+    "sd15_txt2img_pcpp_ksampler": "astronaut",
+    "sdxl_txt2img_pcpp_cfg_split": "coffee",
+    "sd15_parallel_model_sampler_custom_advanced": "rocket",
+}
+
+
+def thumbnail(name: str, size: int = 64, shown: int = 256) -> None:
+    """<name>.jpg: the parallel image of `python -m pcpp_core demo` (2 CPU workers, mode pcpp, f=0.3)."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "demo.png"
+        subprocess.run([sys.executable, "-m", "pcpp_core", "demo", "--devices", "cpu:2", "--size", str(size),
+                        "--image", THUMBNAILS[name], "--out", str(out)], cwd=HERE.parent, check=True)
+        with Image.open(out) as row:  # one process | parallel | difference, side by side
+            picture = row.crop((size, 0, 2 * size, size)).convert("RGB")
+    picture.resize((shown, shown), Image.Resampling.LANCZOS).save(HERE / f"{name}.jpg", quality=90)
+
+
+def main(argv: list[str]) -> None:
+    API_DIR.mkdir(exist_ok=True)
     for name, graph in WORKFLOWS.items():
         (HERE / f"{name}.json").write_text(json.dumps(ui_format(graph), indent=2) + "\n")
-        (HERE / f"{name}.api.json").write_text(json.dumps(api_format(graph), indent=2) + "\n")
+        (API_DIR / f"{name}.api.json").write_text(json.dumps(api_format(graph), indent=2) + "\n")
+        if "--thumbnails" in argv:
+            thumbnail(name)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

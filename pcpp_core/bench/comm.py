@@ -11,6 +11,8 @@ import argparse
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..codecs import NONE, codec_names, get_codec
@@ -19,6 +21,9 @@ from ..geometry import Bands, LayerSpec, bytes_sent
 from ..plans import find_plan, profile_layers
 from .common import (VAE_FACTOR, Row, base_row, build_unet, emit, fmt_bytes, mode_label, parse_floats,
                      parse_ints, unet_inputs)
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 log = logging.getLogger("pcpp.bench.comm")
 
@@ -138,36 +143,50 @@ def cross_check(size: int, band_counts: list[int], fractions: list[float], warmu
     x = torch.randn(2, unet.config.in_channels, size, size, generator=gen)
     t = torch.tensor([500.0, 500.0])
     ctx = torch.stack([emb[0], emb[12]])
-    plan = find_plan(unet)
-    specs = profile_layers(unet, plan, x, t, encoder_hidden_states=ctx)
     rows: list[Row] = []
     for n in band_counts:
-        bands = Bands.split(size, size, n, plan.levels(unet))
         engine = Engine(PoolConfig(devices=("cpu",) * n, threads_per_worker=1))
         try:
-            for v in mode_windows(fractions, codecs, codec_fractions, far_refresh) + [Variant("sync", None, None)]:
-                engine.new_run(v.patch(warmup))
-                for _ in range(warmup + 2):
-                    engine(unet, x, t, encoder_hidden_states=ctx, slot="cfg", batch_chunks=2)
-                calls = engine.stats.calls
-                for index, call in enumerate(calls):
-                    if 0 < index < warmup or (call.synchronous and index and v.mode != "sync"):
-                        continue  # one warm-up call and the stale ones (sync: every call)
-                    if call.synchronous and v.mode != "naive":
-                        expected = {b: bytes_sent(specs, bands, b, batch=2, element_size=4, fraction=None)
-                                    for b in range(n)}
-                    else:
-                        expected = {b: v.sent(specs, bands, b, index, batch=2, element_size=4) for b in range(n)}
-                    ok = expected == call.bytes_sent
-                    rows.append(base_row(
-                        "comm-check", v.mode, v.fraction, n, size, size, model="pcpp-tiny-unet", compress=v.codec,
-                        far_refresh=v.far, call=f"{'warm-up' if call.synchronous else 'stale'} #{index}",
-                        bytes_analytic=max(expected.values()), bytes_measured=max(call.bytes_sent.values()),
-                        match=ok, per_rank_analytic=[expected[b] for b in range(n)],
-                        per_rank_measured=[call.bytes_sent[b] for b in range(n)],
-                        _label=v.label, _match="yes" if ok else "NO"))
+            rows += engine_bytes_rows(engine, unet, x, t, ctx, fractions, warmup, codecs, codec_fractions,
+                                      far_refresh)
         finally:
             engine.shutdown()
+    return rows
+
+
+def engine_bytes_rows(engine: "Engine", unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                      ctx: torch.Tensor, fractions: list[float], warmup: int = 1, codecs: list[str] = (NONE,),
+                      codec_fractions: list[float] = (0.3,), far_refresh: list[int] = ()) -> list[Row]:
+    """Every mode (and codec) on `engine` with the CFG batch `x` [2, C, H, W]: each rank's bytes
+    sent in a warm-up and two stale calls ("steady-1", "steady") against `bytes_sent`
+    (activations of x's element size). Also the doctor's check, on whatever devices the engine runs."""
+    plan = find_plan(unet)
+    specs = profile_layers(unet, plan, x, t, encoder_hidden_states=ctx)
+    n, size, element_size = engine.pool_config.world_size, x.shape[2], x.element_size()
+    bands = Bands.split(size, x.shape[3], n, plan.levels(unet))
+    kw = dict(batch=x.shape[0], element_size=element_size)
+    rows: list[Row] = []
+    for v in mode_windows(fractions, codecs, codec_fractions, far_refresh) + [Variant("sync", None, None)]:
+        engine.new_run(v.patch(warmup))
+        for _ in range(warmup + 2):
+            engine(unet, x, t, encoder_hidden_states=ctx, slot="cfg", batch_chunks=2)
+        calls = engine.stats.calls
+        for index, call in enumerate(calls):
+            if 0 < index < warmup or (call.synchronous and index and v.mode != "sync"):
+                continue  # one warm-up call and the stale ones (sync: every call)
+            if call.synchronous and v.mode != "naive":
+                expected = {b: bytes_sent(specs, bands, b, fraction=None, **kw) for b in range(n)}
+            else:
+                expected = {b: v.sent(specs, bands, b, index, **kw) for b in range(n)}
+            ok = expected == call.bytes_sent
+            label = "warm-up" if call.synchronous else ("steady" if index == len(calls) - 1 else "steady-1")
+            rows.append(base_row(
+                "comm-check", v.mode, v.fraction, n, size, x.shape[3], model="pcpp-tiny-unet", compress=v.codec,
+                far_refresh=v.far, call=label if v.mode != "sync" else f"sync #{index}",
+                bytes_analytic=max(expected.values()), bytes_measured=max(call.bytes_sent.values()),
+                match=ok, per_rank_analytic=[expected[b] for b in range(n)],
+                per_rank_measured=[call.bytes_sent[b] for b in range(n)],
+                _label=v.label, _match="yes" if ok else "NO"))
     return rows
 
 

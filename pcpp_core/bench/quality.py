@@ -51,7 +51,7 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(4.0 / mse))
 
 
-def sample(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], cond: torch.Tensor,
+def sample(model_fn: Callable[..., torch.Tensor], cond: torch.Tensor,
            null: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     """The final sample x_0 [n, C, H, W] of one Euler run with CFG batched as [cond; uncond]."""
     uncond = null.expand_as(cond)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     unet, emb, alphas = load_tiny_unet()
     ids = parse_ints(args.ids)
     cond, null = emb[ids], emb[NULL_ID:NULL_ID + 1]  # [n, 4, 64], [1, 4, 64]
-    plain = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+    plain = lambda x, t, c, **_: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
     modes = _modes(args)
     sizes, band_counts = parse_ints(args.sizes), parse_ints(args.bands)
     noises = {s: torch.randn(len(ids), unet.config.in_channels, s, s, generator=torch.Generator().manual_seed(args.seed))
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                 for v in modes:
                     t0 = time.perf_counter()
                     engine.new_run(v.patch(args.warmup))
-                    fn = lambda x, t, c: engine(unet, x, t, encoder_hidden_states=c, slot="cfg", batch_chunks=2)  # noqa: E731
+                    fn = lambda x, t, c, **call: engine(unet, x, t, encoder_hidden_states=c, batch_chunks=2, **call)  # noqa: E731
                     out = outs[v] = sample(fn, cond, null, noises[s], alphas, args)
                     per_image = [psnr_db(out[i], refs[s][i]) for i in range(len(ids))]
                     rows.append(base_row(

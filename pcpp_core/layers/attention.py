@@ -2,8 +2,11 @@
 synchronous). Each band sends a neighbour only the rows that neighbour's window needs."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import BandLayer
@@ -66,13 +69,36 @@ def _take(kv: torch.Tensor, rows: tuple[int, ...], r0: int) -> torch.Tensor:
     return kv.index_select(1, torch.tensor(rows, device=kv.device) - r0)
 
 
+PrecisionPolicy = Callable[[nn.Module, torch.dtype], "torch.dtype | None"]
+
+
+def module_precision(m: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
+    """The default policy: the module's own `attn_precision` (ComfyUI sets float32 for SD2.x)."""
+    return getattr(m, "attn_precision", None)
+
+
+_policy: list[PrecisionPolicy] = [module_precision]
+
+
+def set_attention_precision(policy: PrecisionPolicy | None) -> None:
+    """Which dtype self-attention computes in: `policy(module, input dtype)` -> dtype, or None
+    for the input's. A host installs its own rule (the nodes: ComfyUI's get_attn_precision with
+    --force-upcast-attention / --dont-upcast-attention); None restores the default."""
+    _policy[0] = policy or module_precision
+
+
+def attention_dtype(m: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    return _policy[0](m, dtype) or dtype
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m) -> torch.Tensor:
     """Multi-head scaled dot-product attention: q [B, N, D], k/v [B, M, D] -> [B, N, D]."""
     heads = m.heads
     b, n, d = q.shape
     dtype = q.dtype
-    if getattr(m, "attn_precision", None) == torch.float32:  # ComfyUI's upcast (e.g. SD2.x)
-        q, k, v = q.float(), k.float(), v.float()
+    compute = attention_dtype(m, dtype)
+    if compute != dtype:  # upcast (e.g. SD2.x in fp16)
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
     q, k, v = (t.reshape(b, -1, heads, d // heads).transpose(1, 2) for t in (q, k, v))
     scale = getattr(m, "scale", None)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, heads, N, d/heads]

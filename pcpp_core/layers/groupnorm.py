@@ -30,6 +30,13 @@ def combine_stats(stats: list[torch.Tensor], weights: list[float]) -> torch.Tens
     return torch.stack([mean, second - mean**2], dim=-1).float()
 
 
+def guard_variance(stats: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Where the combined variance went negative, the band's own (local) variance; the combined
+    mean stays: [B, G, 2] -> [B, G, 2]."""
+    var = torch.where(stats[..., 1] < 0, own[..., 1], stats[..., 1])
+    return torch.stack([stats[..., 0], var], dim=-1)
+
+
 class BandGroupNorm(BandLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, h, W] band
         if not self.split_active():
@@ -44,7 +51,7 @@ class BandGroupNorm(BandLayer):
             per_band = [own if b == call.band else got[b].tensor for b in range(call.bands.count)]
             sizes = [r1 - r0 for r0, r1 in (call.bands.rows(b) for b in range(call.bands.count))]
             stats = combine_stats(per_band, sizes)
-            stats = torch.where(stats[..., 1:] < 0, own, stats)  # estimate gone negative: local stats
+            stats = guard_variance(stats, own)  # estimate gone negative: local variance
         mean, var = stats[..., 0], stats[..., 1]  # [B, G]
         shape = (x.shape[0], gn.num_groups, -1)
         y = (x.reshape(shape).float() - mean[..., None]) * torch.rsqrt(var[..., None] + gn.eps)

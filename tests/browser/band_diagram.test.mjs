@@ -9,6 +9,8 @@
 // The second test runs a real workflow (random-weight tiny SD1.5 checkpoint, 2 CPU workers) so the
 // node's real `pcpp_stats` reach the widget; it needs checkpoints/tiny_sd15_random.safetensors under
 // PCPP_COMFYUI_MODELS (default $COMFYUI_PATH/../models, as /work/shared/comfyui/setup.sh builds it).
+// The third switches the front end to Nodes 2.0 (DOM nodes instead of the canvas) and drives the
+// widgets there. Tested with front ends 1.49.6 (ComfyUI 0.33.0) and 1.35.9 (ComfyUI v0.8.0).
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
@@ -95,9 +97,57 @@ async function startComfy() {
   throw new Error(`ComfyUI did not start:\n${log.join("").slice(-3000)}`);
 }
 
+const widgetValue = (page, id, name) => page.evaluate(({ id, name }) =>
+  window.app.graph.getNodeById(id).widgets.find((w) => w.name === name).value, { id, name });
+
+/** Who draws the node: "vue" for Nodes 2.0 (DOM nodes, front end >= 1.27), else the LiteGraph "canvas". */
+const renderer = (page, id) => page.evaluate((id) => (document.querySelector(`[data-node-id="${id}"]`) ? "vue" : "canvas"), id);
+
+/** A widget's row in a Nodes 2.0 node: its label and its control. */
+const vueRow = (page, id, name) =>
+  page.locator(`[data-node-id="${id}"]`).getByText(name, { exact: true }).locator("xpath=..");
+
+/**
+ * Drag a number widget `px` pixels to the right with the mouse, as a user does, in the renderer
+ * that shows the node: on the canvas, the widget's middle (its arrows sit at the ends); in Nodes 2.0,
+ * the field's scrub area (front end 1.4x; 1.3x's fields have none, see the Nodes 2.0 test).
+ */
+async function dragNumber(page, id, name, px) {
+  let at;
+  if (await renderer(page, id) === "vue") {
+    const box = await vueRow(page, id, name).locator(".cursor-ew-resize").boundingBox();
+    at = { x: box.x + box.width / 2, y: box.y + box.height / 2 };
+  } else {
+    at = await page.evaluate(({ id, name }) => {
+      const { app } = window;
+      const node = app.graph.getNodeById(id);
+      const w = node.widgets.find((x) => x.name === name);
+      const rect = app.canvas.canvas.getBoundingClientRect();
+      const y = (w.last_y ?? w.y) + (w.computedHeight ?? window.LiteGraph.NODE_WIDGET_HEIGHT) / 2;
+      const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2, node.pos[1] + y]);
+      return { x: rect.left + x0, y: rect.top + y0 };
+    }, { id, name });
+  }
+  await page.mouse.move(at.x, at.y);
+  await page.mouse.down();
+  for (let dx = 2; dx <= px; dx += 2) await page.mouse.move(at.x + dx, at.y);
+  await page.mouse.up();
+  await page.keyboard.press("Escape"); // in case the front end took it for a click and asks for a value
+}
+
+/**
+ * Raise a number widget in a Nodes 2.0 node as a user does: front end 1.4x scrubs its fields by
+ * dragging; 1.3x's fields (PrimeVue InputNumber) have none, their + steps the value on press.
+ */
+async function raiseNumber(page, id, name) {
+  const row = vueRow(page, id, name);
+  if (await row.locator(".cursor-ew-resize").count()) await dragNumber(page, id, name, 20); // a step per 10 px
+  else await row.locator(".p-inputnumber-increment-button").click();
+}
+
 const reason = await missing();
 const STATS_KEYS = ["bands", "bytes_per_call", "bytes_per_call_warmup", "calls", "devices", "fallback", "fraction",
-  "height", "mode", "seconds_per_call", "width"];
+  "height", "mode", "model_bytes_sent", "seconds_per_call", "weights_on", "width"];
 
 describe("PCPP band diagram in ComfyUI's front end", { skip: reason ?? false }, () => {
   let comfy;
@@ -197,22 +247,9 @@ describe("PCPP band diagram in ComfyUI's front end", { skip: reason ?? false }, 
     assert.equal(initial.pcppWindow, "0,32"); // band 0: 24 rows + ceil(0.3*24) = 8 below
 
     // drag the neighbour_fraction widget to the right with the mouse, as a user does
-    const box = await page.evaluate((id) => {
-      const { app } = window;
-      const node = app.graph.getNodeById(id);
-      const w = node.widgets.find((x) => x.name === "neighbour_fraction");
-      const rect = app.canvas.canvas.getBoundingClientRect();
-      const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + 10]);
-      return { x: rect.left + x, y: rect.top + y, value: w.value };
-    }, ids.node);
-    assert.equal(box.value, 0.3);
-    await page.mouse.move(box.x, box.y);
-    await page.mouse.down();
-    for (let dx = 2; dx <= 10; dx += 2) await page.mouse.move(box.x + dx, box.y); // 0.05 a pixel, past the click drift
-    await page.mouse.up();
-    await page.keyboard.press("Escape"); // in case the widget took it for a click and asks for a value
-    const fraction = await page.evaluate((id) =>
-      window.app.graph.getNodeById(id).widgets.find((x) => x.name === "neighbour_fraction").value, ids.node);
+    assert.equal(await widgetValue(page, ids.node, "neighbour_fraction"), 0.3);
+    await dragNumber(page, ids.node, "neighbour_fraction", 10); // 0.05 a pixel, past the click drift
+    const fraction = await widgetValue(page, ids.node, "neighbour_fraction");
     assert.ok(fraction > 0.3, `dragging raised the fraction (now ${fraction})`);
     const dragged = await data();
     assert.equal(Number(dragged.pcppFraction), fraction, "the diagram shows the widget's value");
@@ -365,5 +402,37 @@ describe("PCPP band diagram in ComfyUI's front end", { skip: reason ?? false }, 
       `${stats.bytes_per_call} B per call after warm-up, ${stats.bytes_per_call_warmup} B during it`);
     assert.deepEqual(problems, []);
     await screenshot();
+  });
+  test("Nodes 2.0 (DOM nodes): the diagram follows a dragged fraction and the latent's size", { timeout: 60_000 }, async () => {
+    assert.ok(ids, "the first test built the graph");
+    const latent = await page.evaluate((id) => {
+      const node = window.app.graph.getNodeById(id);
+      return node.getInputNode(node.inputs.findIndex((i) => i.name === "latent_image")).id;
+    }, ids.node);
+    // the user's switch (Settings > Nodes 2.0, or the menu's toggle) through the settings API
+    await page.evaluate(() => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", true));
+    await page.locator(`[data-node-id="${ids.node}"] .pcpp-diagram`).waitFor({ state: "visible" });
+    assert.equal(await renderer(page, ids.node), "vue");
+    const diagram = page.locator(`.pcpp-diagram[data-pcpp-node="${ids.node}"]`);
+    const data = () => diagram.evaluate((e) => ({ ...e.dataset }));
+
+    const before = await widgetValue(page, ids.node, "neighbour_fraction");
+    await raiseNumber(page, ids.node, "neighbour_fraction");
+    const fraction = await widgetValue(page, ids.node, "neighbour_fraction");
+    assert.ok(fraction > before, `the fraction rose from ${before} (now ${fraction})`);
+    assert.equal(Number((await data()).pcppFraction), fraction, "the diagram shows the widget's value");
+
+    // a widget on another node: no canvas frame draws this node now; the front end's graphChanged
+    // (sent when the gesture ends) redraws it
+    const was = await data();
+    await raiseNumber(page, latent, "height");
+    const height = await widgetValue(page, latent, "height");
+    const rows = Math.floor(height / 8); // the diagram draws the bands, or says why rows this many cannot be split
+    await page.waitForFunction(({ id, rows }) => {
+      const d = document.querySelector(`.pcpp-diagram[data-pcpp-node="${id}"]`)?.dataset ?? {};
+      return d.pcppBands?.endsWith(`,${rows}`) || d.pcppError?.includes(`${rows} rows`);
+    }, { id: ids.node, rows }, { timeout: 10_000 })
+      .catch(async () => assert.fail(`height ${height}: the diagram shows ${JSON.stringify(await data())}, was ${JSON.stringify(was)}`));
+    assert.deepEqual(problems, []);
   });
 });

@@ -92,7 +92,8 @@ def test_parallel_modes_run_and_report_stats(comfy, unet, inputs, mode, exchange
     out = sample(comfy, model, inputs)
     stats = hook.last_stats
     assert set(stats) == {"mode", "fraction", "bands", "devices", "calls", "seconds_per_call", "bytes_per_call",
-                          "bytes_per_call_warmup", "height", "width", "fallback", "exchange", "far_refresh"}
+                          "bytes_per_call_warmup", "height", "width", "fallback", "model_bytes_sent",
+                          "weights_on", "exchange", "far_refresh"}
     assert stats["mode"] == mode and stats["fraction"] == 0.3 and stats["bands"] == 2
     assert stats["exchange"] == exchange and stats["far_refresh"] == far
     assert stats["devices"] == ["cpu", "cpu"] and stats["calls"] == STEPS and stats["fallback"] is None
@@ -279,3 +280,31 @@ def test_bad_call_timeout_is_named(comfy, monkeypatch):
     monkeypatch.setenv("PCPP_CALL_TIMEOUT_S", "soon")
     with pytest.raises(ConfigError, match="PCPP_CALL_TIMEOUT_S='soon'"):
         comfy.hook.pool_config(("cpu", "cpu"))
+
+
+@pytest.mark.parametrize("sampler,expected", [
+    # heun and dpmpp_2s_ancestral (eta 1: its midpoint is sigma_{k+1}): A_k at sigma_k, B_k at sigma_{k+1}
+    ("heun", [("start", 0, 0), ("on", 0, 1), ("on", 1, 1), ("on", 0, 2), ("on", 1, 2)]),
+    ("dpmpp_2s_ancestral", [("start", 0, 0), ("on", 0, 1), ("on", 1, 1), ("on", 0, 2), ("on", 1, 2)]),
+    # dpmpp_sde: B_k between the schedule sigmas
+    ("dpmpp_sde", [("start", 0, 0), ("off", 0, 1), ("on", 0, 1), ("off", 0, 2), ("on", 0, 2)]),
+])
+def test_two_evaluation_samplers_get_one_slot_per_evaluation_kind(comfy, unet, inputs, monkeypatch, sampler, expected):
+    """The step callback fires between A and B; slots come from the sigma, so A_k meets A_{k-1}'s
+    buffers and B_k B_{k-1}'s (A, B, A, B, A: the last step is one Euler call)."""
+    from pcpp_core.engine import Engine
+
+    calls = []
+    real = Engine.__call__
+
+    def spy(self, model, x, *args, slot=None, step=None, **kwargs):
+        calls.append((slot, step))
+        return real(self, model, x, *args, slot=slot, step=step, **kwargs)
+
+    monkeypatch.setattr(Engine, "__call__", spy)
+    model, hook = pcpp(comfy, unet, mode="pcpp", warmup_steps=1)
+    out = sample(comfy, model, inputs, sampler)
+    assert hook.last_stats["fallback"] is None and torch.isfinite(out).all()
+    compositions = {slot[0] for slot, _ in calls}
+    assert len(compositions) == 1  # cond and uncond in one batch
+    assert [(slot[1], slot[2], step) for slot, step in calls] == expected

@@ -1,6 +1,6 @@
 """Headless ComfyUI (--cpu, loopback) with the pack in custom_nodes: what a user and a script see.
 
-The server runs the example workflows from workflows/ through POST /prompt. Model files are
+The server runs the example workflows from workflows/api/ through POST /prompt. Model files are
 the random-weight ones from the ComfyUI test setup, linked under the names the workflows use;
 the SDXL workflow gets the SD1.5-architecture file under the SDXL name (a random SDXL with its
 CLIP-G is several GB), which still runs its graph, cfg_split included. Sizes and step counts are
@@ -9,6 +9,7 @@ the server (where a multiprocessing spawn would re-run main.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -28,9 +29,9 @@ pytestmark = pytest.mark.comfy
 
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")  # conftest skips every test here when it is unusable
-WORKFLOWS = REPO / "workflows"
-API_WORKFLOWS = sorted(WORKFLOWS.glob("*.api.json"))
-UI_WORKFLOWS = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
+WORKFLOWS = REPO / "workflows"  # UI format: ComfyUI's template browser lists workflows/*.json
+API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.api.json"))  # POST /prompt bodies, not listed
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 COMFY_HOME = Path(os.environ.get("PCPP_COMFYUI_HOME", Path(COMFYUI_PATH or ".").resolve().parent))
 RANDOM_CHECKPOINT = COMFY_HOME / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
 ENGINE_INPUTS = ("devices", "neighbour_fraction", "mode", "warmup_steps", "cfg_split", "exchange", "far_refresh")
@@ -83,9 +84,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    with comfy_server(tmp_path_factory.mktemp("comfy-base")) as srv:
+        yield srv
+
+
+def _environ() -> dict[str, str]:
+    """The test's environment without the pack's server limits: each server states its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("PCPP_MAX_WORKERS", "PCPP_POOL_IDLE_S")}
+
+
+@contextlib.contextmanager
+def comfy_server(base: Path, env: dict[str, str] | None = None, cpus: set[int] | None = None):
+    """A headless ComfyUI in `base` with the pack linked in; `env` added to its environment,
+    `cpus` its affinity mask (the cores it may use)."""
     if not RANDOM_CHECKPOINT.is_file():
         pytest.skip(f"{RANDOM_CHECKPOINT} is missing: run ../shared/comfyui/setup.sh (or set PCPP_COMFYUI_HOME)")
-    base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-PCPP").symlink_to(REPO, target_is_directory=True)
     checkpoints = base / "models" / "checkpoints"
@@ -101,7 +114,8 @@ def server(tmp_path_factory):
     if (COMFY_HOME / "frontend-stub").is_dir():
         cmd += ["--front-end-root", str(COMFY_HOME / "frontend-stub")]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base, env={**_environ(), **(env or {})},
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     srv = Server(f"http://127.0.0.1:{port}", base, proc, log)
     try:
         deadline = time.monotonic() + 180
@@ -154,10 +168,10 @@ def outputs_of(server: Server, entry: dict) -> tuple[list[Path], list[dict]]:
 
 
 def test_object_info_lists_both_nodes_with_their_inputs(object_info):
-    for node_id, display, extra in (("PCPPKSampler", "PCPP KSampler", ("model", "seed", "steps", "cfg", "sampler_name",
-                                                                       "scheduler", "positive", "negative",
-                                                                       "latent_image", "denoise")),
-                                    ("PCPPParallelModel", "PCPP Parallel Model", ("model",))):
+    ksampler = ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
+                "denoise")
+    for node_id, display, extra in (("PCPPKSampler", "PCPP KSampler (multi-GPU)", ksampler),
+                                    ("PCPPParallelModel", "PCPP Parallel Model (multi-GPU)", ("model",))):
         info = object_info[node_id]
         assert info["display_name"] == display and info["category"] == "sampling/pcpp"
         required = info["input"]["required"]
@@ -179,8 +193,28 @@ def test_object_info_lists_both_nodes_with_their_inputs(object_info):
     assert object_info["PCPPParallelModel"]["output"] == ["MODEL"]
 
 
+def test_the_log_names_the_pack_version_once_at_load(server):
+    from pcpp_core.version import __version__  # the one pyproject.toml equals (tests/unit/test_pyproject.py)
+
+    lines = [l for l in server.tail(100_000).splitlines() if "ComfyUI-PCPP" in l and " loaded" in l]
+    assert len(lines) == 1 and f"ComfyUI-PCPP {__version__} loaded" in lines[0], lines
+
+
+def test_node_search_finds_the_nodes_by_what_users_type(object_info):
+    """The front end searches name, display_name and search_aliases; ComfyUI sends aliases where its V3
+    Schema has them (0.33.0; v0.8.0 has none, there the display names carry "multi-GPU" and "Parallel")."""
+    has_aliases = "search_aliases" in (Path(COMFYUI_PATH) / "comfy_api" / "latest" / "_io.py").read_text()
+    for node_id in ("PCPPKSampler", "PCPPParallelModel"):
+        info = object_info[node_id]
+        assert "multi-GPU" in info["display_name"]
+        if has_aliases:
+            assert {"multi-GPU", "parallel", "patch parallel", "DistriFusion"} <= set(info["search_aliases"])
+        else:
+            assert "search_aliases" not in info
+
+
 def test_bad_fraction_is_rejected_naming_it_and_the_server_serves_the_next_prompt(server):
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
     bad = copy.deepcopy(graph)
     bad["3"]["inputs"]["neighbour_fraction"] = -1.0
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -211,7 +245,7 @@ def test_api_workflow_runs_in_parallel(server, path):
 
 
 def test_cancel_stops_the_run_and_the_next_prompt_starts_clean(server):
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
     graph["3"]["inputs"]["steps"] = 500  # far longer than the test waits
     prompt_id = server.call("/prompt", {"prompt": graph})["prompt_id"]
     deadline = time.monotonic() + 120
@@ -225,14 +259,14 @@ def test_cancel_stops_the_run_and_the_next_prompt_starts_clean(server):
     assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
     last_run = json.loads(server.log.read_text(errors="replace").split("PCPP run: ")[-1].splitlines()[0])
     assert 0 < last_run["calls"] < 500  # the hook saw the run stop part-way
-    entry = server.run(small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
+    entry = server.run(small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
     assert entry["status"]["status_str"] == "success", why(entry)
     [stats] = outputs_of(server, entry)[1]
     assert stats["fallback"] is None and stats["calls"] == 3  # one batched cond+uncond call per step, counted afresh
 
 
 def test_devices_auto_without_gpus_runs_plain_and_says_so(server):
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=None)
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=None)
     assert graph["3"]["inputs"]["devices"] == "auto"
     entry = server.run(graph)
     assert entry["status"]["status_str"] == "success", why(entry)
@@ -263,6 +297,36 @@ def test_workflow_file_parses_and_its_node_types_exist(object_info, path):
         assert all(i["link"] in link_ids for i in node["inputs"]), f"{node['type']}: dangling input link"
 
 
+def test_template_browser_lists_each_ui_workflow_once_with_its_thumbnail_and_no_api_file(server):
+    """What the front end's template browser asks: the listing, each workflow, its <name>.jpg thumbnail."""
+    listing = server.call("/api/workflow_templates")
+    names = listing.get("ComfyUI-PCPP", [])
+    assert sorted(names) == sorted(p.stem for p in UI_WORKFLOWS), listing
+    assert not any("api" in n for n in names)
+    for name in names:
+        graph = server.call(f"/api/workflow_templates/ComfyUI-PCPP/{name}.json")
+        assert graph["nodes"] and graph["links"], f"{name}.json is no UI-format graph"
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/ComfyUI-PCPP/{name}.jpg", timeout=30) as r:
+            assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff", name
+
+
+def test_help_pages_are_served_where_the_front_end_looks(server, object_info):
+    """The front end (1.49.6) reads a custom node's help from /extensions/<pack>/docs/<node id>.md, <pack>
+    from python_module "custom_nodes.<pack>", and resolves the page's relative images against that folder."""
+    for node_id in ("PCPPKSampler", "PCPPParallelModel"):
+        module = object_info[node_id]["python_module"]
+        assert module.startswith("custom_nodes."), module
+        base = f"{server.url}/extensions/{module.split('.')[1].split('@')[0]}/docs"
+        with urllib.request.urlopen(f"{base}/{node_id}.md", timeout=30) as r:
+            page = r.read().decode()
+        assert page.startswith(f"# {object_info[node_id]['display_name']}\n"), page[:80]
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
+        assert images, f"{node_id}.md shows no picture"
+        for src in images:
+            with urllib.request.urlopen(f"{base}/{src}", timeout=30) as r:
+                assert r.headers["Content-Type"] == "image/png" and r.read(4) == b"\x89PNG", src
+
+
 def test_workflow_files_match_their_generator():
     sys.path.insert(0, str(WORKFLOWS))
     try:
@@ -271,7 +335,7 @@ def test_workflow_files_match_their_generator():
         sys.path.remove(str(WORKFLOWS))
     for name, graph in build_workflows.WORKFLOWS.items():
         assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == build_workflows.ui_format(graph)
-        assert json.loads((WORKFLOWS / f"{name}.api.json").read_text()) == build_workflows.api_format(graph)
+        assert json.loads((WORKFLOWS / "api" / f"{name}.api.json").read_text()) == build_workflows.api_format(graph)
 
 
 def _worker_pids(server: Server) -> list[int]:
@@ -293,7 +357,7 @@ def _worker_pids(server: Server) -> list[int]:
 def test_killed_worker_fails_the_prompt_naming_the_rank_and_the_next_prompt_succeeds(server):
     import signal
 
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()))
     graph["3"]["inputs"]["steps"] = 500
     prompt_id = server.call("/prompt", {"prompt": graph})["prompt_id"]
     deadline = time.monotonic() + 120
@@ -310,9 +374,78 @@ def test_killed_worker_fails_the_prompt_naming_the_rank_and_the_next_prompt_succ
     message = why(entry)
     assert "WorkerError" in message and re.search(r"worker rank \d: died", message), message
     assert server.call("/system_stats")  # the server keeps serving
-    entry = server.run(small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
+    entry = server.run(small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text())))
     assert entry["status"]["status_str"] == "success", why(entry)
     [stats] = outputs_of(server, entry)[1]
     assert stats["fallback"] is None and stats["bands"] == 2
     new = _worker_pids(server)
     assert len(new) == 2 and not set(new) & set(old)
+
+
+def _children(pid: int) -> set[int]:
+    """Every child process of `pid`, whichever of its threads started it."""
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:  # the thread ended meanwhile
+            pass
+    return kids
+
+
+def _refusal(server: Server, graph: dict) -> dict:
+    """POST /prompt expecting HTTP 400; returns the errors of the KSampler node ("3")."""
+    with pytest.raises(urllib.error.HTTPError) as err:
+        server.call("/prompt", {"prompt": graph})
+    assert err.value.code == 400
+    return json.loads(err.value.read())["node_errors"]["3"]["errors"]
+
+
+def test_more_cpu_workers_than_cores_is_refused_before_any_worker_starts(server):
+    from pcpp_core.limits import usable_cores
+
+    cores = usable_cores(os.sched_getaffinity(server.proc.pid))
+    graph = json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())
+    before = _children(server.proc.pid)
+    errors = _refusal(server, small(graph, devices=f"cpu:{cores + 1}"))
+    assert [e["extra_info"]["input_name"] for e in errors] == ["devices"]
+    details = errors[0]["details"]
+    assert f"asks for {cores + 1} CPU worker" in details and f"at most {cores} " in details, details
+    assert "PCPP_MAX_WORKERS" in details  # how the operator raises it
+    assert _children(server.proc.pid) == before  # nothing was forked for the refused prompt
+    entry = server.run(small(graph))
+    assert entry["status"]["status_str"] == "success", why(entry)
+    [stats] = outputs_of(server, entry)[1]
+    assert stats["fallback"] is None and stats["bands"] == 2
+
+
+RAISED_IDLE_S = 3
+
+
+@pytest.fixture(scope="module")
+def raised_server(tmp_path_factory):
+    """A server kept to (at most) two cores, started with PCPP_MAX_WORKERS one above them and
+    PCPP_POOL_IDLE_S short enough to watch its pool stop."""
+    cpus = set(sorted(os.sched_getaffinity(0))[:2])
+    env = {"PCPP_MAX_WORKERS": str(len(cpus) + 1), "PCPP_POOL_IDLE_S": str(RAISED_IDLE_S)}
+    with comfy_server(tmp_path_factory.mktemp("comfy-raised"), env=env, cpus=cpus) as srv:
+        yield srv
+
+
+def test_pcpp_max_workers_raises_the_ceiling_for_the_server_it_started(raised_server):
+    server = raised_server
+    n = len(os.sched_getaffinity(server.proc.pid)) + 1  # the refused count on a server without the variable
+    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=f"cpu:{n}")
+    entry = server.run(graph)  # 128 px: 16 latent rows, enough for 3 bands (the model does not downsample)
+    assert entry["status"]["status_str"] == "success", f"{why(entry)}\n{server.tail()}"
+    [stats] = outputs_of(server, entry)[1]
+    assert stats["fallback"] is None and stats["devices"] == ["cpu"] * n and stats["bands"] == n
+    assert f"pool started: {n} gloo worker(s)" in server.log.read_text(errors="replace"), server.tail()
+    errors = _refusal(server, small(graph, devices=f"cpu:{n + 1}"))  # the variable is the new ceiling
+    assert f"at most {n} (PCPP_MAX_WORKERS={n})" in errors[0]["details"], errors
+    # the run ended (the nodes' end_run), so its pool is stopped once idle for PCPP_POOL_IDLE_S
+    deadline = time.monotonic() + 60
+    while _worker_pids(server):
+        assert time.monotonic() < deadline, f"the idle pool was not stopped:\n{server.tail()}"
+        time.sleep(0.25)
+    assert f"idle for {RAISED_IDLE_S} s" in server.log.read_text(errors="replace"), server.tail()

@@ -26,6 +26,15 @@ def engines():
 
 
 @pytest.fixture(scope="session")
+def mutant_engine():
+    """An Engine on 2 CPU workers with tests/dist/mutants.py preloaded (broken variants by slot)."""
+    engine = Engine(PoolConfig(devices=("cpu", "cpu"), threads_per_worker=1, call_timeout_s=120,
+                               env=(("PCPP_WORKER_PRELOAD", "mutants"),)))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
 def models():
     return {k: f() for k, f in MODELS.items()}
 

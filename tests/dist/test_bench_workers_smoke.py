@@ -33,7 +33,7 @@ def test_comm_cross_check_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         assert COMMON <= r.keys()
         assert r["match"] and r["per_rank_analytic"] == r["per_rank_measured"]
     steady = {(r["mode"], r["compress"], r["far_refresh"]): r["bytes_measured"] for r in checks
-              if r["call"] == "stale #2"}
+              if r["call"] == "steady"}
     assert steady[("naive", "none", 0)] == 0 < steady[("pcpp", "none", 0)] < steady[("distrifusion", "none", 0)]
     assert steady[("pcpp", "residual-2bit", 0)] < steady[("pcpp", "none", 0)] / 8
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pcpp_core import Bands, PatchConfig
-from pcpp_reference import masked_self_attention
+from pcpp_core.reference import masked_self_attention
 from conftest import inputs, plain
 
 pytestmark = pytest.mark.dist

@@ -59,7 +59,7 @@ def test_twenty_runs_stay_flat(models):
             samples.append((_fds(), _rss_mb(), max(_rss_mb(p) for p in engine.pool.pids)))
     finally:
         shutdown_shared()
-    assert _children() == baseline
+    assert _children() <= baseline  # nothing of ours left; a pool of another module may have ended meanwhile
     # after the first full cycle (both models, both pools seen) nothing grows
     fds, host_rss, worker_rss = zip(*samples[10:])
     assert max(fds) - min(fds) <= 4, fds

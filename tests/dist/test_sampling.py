@@ -21,14 +21,14 @@ def test_ten_euler_steps_in_every_mode(record_property):
     cond, uncond = emb[[0, 8]], emb[NULL_ID:NULL_ID + 1].expand(2, -1, -1)
     noise = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ref = euler_sample(cfg_eps(lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample, cond, uncond, 3.0),
+        ref = euler_sample(cfg_eps(lambda x, t, c, **_: unet(x, t, encoder_hidden_states=c).sample, cond, uncond, 3.0),
                            noise, alphas, 10)
     engine = Engine(PoolConfig(devices=("cpu", "cpu"), threads_per_worker=1))
     deviation = {}
     try:
         for mode in ("sync", "distrifusion", "pcpp", "naive"):
             engine.new_run(PatchConfig(mode=mode, fraction=0.3, warmup_steps=3))
-            fn = cfg_eps(lambda x, t, c: engine(unet, x, t, encoder_hidden_states=c, slot="cfg", batch_chunks=2),
+            fn = cfg_eps(lambda x, t, c, **call: engine(unet, x, t, encoder_hidden_states=c, batch_chunks=2, **call),
                          cond, uncond, 3.0)
             out = euler_sample(fn, noise, alphas, 10)
             assert torch.isfinite(out).all(), mode

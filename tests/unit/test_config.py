@@ -36,6 +36,9 @@ def test_synchronous_calls():
     assert all(PatchConfig(mode="sync").is_synchronous(i) for i in range(6))
     assert not any(PatchConfig(mode="naive").is_synchronous(i) for i in range(3))
     assert all(PatchConfig(fresh_activations=True, warmup_steps=0).is_synchronous(i) for i in range(3))
+    # a slot's first call has nothing stale to use: synchronous at any step
+    assert pc.is_synchronous(7, first_of_slot=True) and not pc.is_synchronous(7)
+    assert not PatchConfig(mode="naive").is_synchronous(0, first_of_slot=True)
 
 
 def test_parse_devices():

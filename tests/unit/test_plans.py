@@ -69,6 +69,18 @@ def test_refuses_modules_bands_cannot_split():
         find_plan(m)
 
 
+def test_refuses_a_diffusers_downsample_that_pads_its_own_bottom_row():
+    from diffusers import UNet2DConditionModel
+
+    m = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 8),
+                             layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                             norm_num_groups=4, downsample_padding=0)
+    with pytest.raises(UnsupportedModelError, match=r"down_blocks.0.downsamplers.0: Downsample2D with padding=0"):
+        find_plan(m)
+    find_plan(tiny_diffusers_unet())  # the default downsample_padding=1 is fine
+
+
 @pytest.mark.parametrize("kind", MODELS)
 def test_profile_finds_every_level(kind):
     m = MODELS[kind]()

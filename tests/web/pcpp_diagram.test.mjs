@@ -106,6 +106,11 @@ test("formatting of bytes, percentages and run stats", () => {
     "20 calls · 0.412 s/call",
     "sent per call (busiest device): 1.00 MB · warm-up 4.00 MB (25% of it)",
   ]);
+  const sent = statsLines({
+    mode: "sync", bands: 2, devices: ["cuda:0", "cuda:1"], calls: 3, bytes_per_call: 0,
+    model_bytes_sent: 2_500_000, weights_on: ["cuda:0", "cuda:1", "cpu (host)"], fallback: null,
+  });
+  assert.deepEqual(sent.slice(-2), ["model sent to the workers: 2.50 MB", "weights on: cuda:0, cuda:1, cpu (host)"]);
   const fb = statsLines({ mode: "off", bands: 1, devices: [], calls: 0, bytes_per_call: 0, fallback: "no GPU" });
   assert.equal(fb.at(-1), "fell back: no GPU");
   assert.deepEqual(statsLines(null), []);
