@@ -30,6 +30,7 @@ from pcpp_core import (BandSizeError, ConfigError, Engine, Mode, PatchConfig, Po
 from pcpp_core.staging import install_cleanup
 from pcpp_core.limits import HostLimits
 from pcpp_core.slots import SlotTracker
+from pcpp_core.codecs import codec_names
 
 from . import delivery
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
@@ -57,6 +58,8 @@ class PCPPSettings:
     mode: str = "pcpp"
     warmup_steps: int = 4
     cfg_split: bool = False
+    exchange: str = "none"  # codec of the stale calls (pcpp_core.codecs)
+    far_refresh: int = 0  # pcpp far context (PatchConfig.far_refresh)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -69,6 +72,11 @@ class PCPPSettings:
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")
+        if self.exchange not in codec_names():
+            raise ConfigError(f"exchange={self.exchange!r} is not a codec; valid: {', '.join(codec_names())}")
+        r = self.far_refresh
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= 64:
+            raise ConfigError(f"far_refresh={r!r} must be an integer from 0 (window only) to 64")
         resolve_devices(self.devices)  # raises for a list that names no usable device
 
     @property
@@ -77,7 +85,8 @@ class PCPPSettings:
 
     def patch_config(self) -> PatchConfig:
         return PatchConfig(mode=self.mode, fraction=float(self.neighbour_fraction),
-                           warmup_steps=self.warmup_steps, cfg_split=self.cfg_split)
+                           warmup_steps=self.warmup_steps, cfg_split=self.cfg_split, compress=self.exchange,
+                           far_refresh=self.far_refresh if self.mode == "pcpp" else 0)
 
 
 def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
@@ -228,6 +237,8 @@ class RunState:
         stats["height"], stats["width"] = (self.shape[2], self.shape[3]) if len(self.shape) == 4 else (0, 0)
         stats["fallback"] = self.fallback
         stats["partial"] = self.partial()
+        stats["exchange"] = self.settings.exchange
+        stats["far_refresh"] = self.settings.far_refresh
         return stats
 
 

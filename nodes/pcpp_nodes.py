@@ -11,6 +11,7 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import ComfyExtension, io
 from pcpp_core import ConfigError
+from pcpp_core.codecs import codec_names
 
 from .hook import MAX_FRACTION, MODES, PCPPSettings, apply_pcpp, remove_pcpp, resolve_devices
 
@@ -50,13 +51,25 @@ def engine_inputs() -> list[io.Input]:
         io.Boolean.Input("cfg_split", default=False,
                          tooltip="Run the positive and negative prompt on two halves of the devices "
                                  "(needs an even number of devices and cfg > 1)."),
+        io.Combo.Input("exchange", options=list(codec_names()), default="none", optional=True,
+                       tooltip="How activations travel between devices after the warm-up steps (pcpp and "
+                               "distrifusion). none: exact fp16, most bytes. int8: half the bytes, "
+                               "tiny error. residual-2bit / residual-1bit: only the change since the last "
+                               "step, 2 or 1 bits per value with error feedback: 8-16x fewer bytes, a "
+                               "little more error; worth it on PCIe, rarely on NVLink. Warm-up and sync "
+                               "steps always travel exact."),
+        io.Int.Input("far_refresh", default=0, min=0, max=64, optional=True,
+                     tooltip="pcpp only. 0: attention sees the neighbour window only. N > 0: it also sees "
+                             "the rest of the image from each device's copy, refreshed one 1/N slice per "
+                             "step: close to distrifusion's image for fewer bytes (4 with residual-2bit: "
+                             "within 0.5 dB of distrifusion at about 7% of its bytes)."),
     ]
 
 
 def settings_from(devices: str, neighbour_fraction: float, mode: str, warmup_steps: int,
-                  cfg_split: bool) -> PCPPSettings:
+                  cfg_split: bool, exchange: str = "none", far_refresh: int = 0) -> PCPPSettings:
     return PCPPSettings(devices=devices, neighbour_fraction=neighbour_fraction, mode=mode,
-                        warmup_steps=warmup_steps, cfg_split=cfg_split)
+                        warmup_steps=warmup_steps, cfg_split=cfg_split, exchange=exchange, far_refresh=far_refresh)
 
 
 def check_devices(devices: Any) -> bool | str:
@@ -107,8 +120,9 @@ class PCPPKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                denoise, devices, neighbour_fraction, mode, warmup_steps, cfg_split) -> io.NodeOutput:
-        settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split)
+                denoise, devices, neighbour_fraction, mode, warmup_steps, cfg_split,
+                exchange="none", far_refresh=0) -> io.NodeOutput:
+        settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split, exchange, far_refresh)
         model, hook = (remove_pcpp(model), None) if settings.off else apply_pcpp(model, settings)
         latent = ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
         stats = hook.last_stats if hook is not None and hook.last_stats else off_stats(settings, latent["samples"])
@@ -134,7 +148,8 @@ def off_stats(settings: PCPPSettings, samples: torch.Tensor) -> dict[str, Any]:
     return {"mode": settings.mode, "fraction": float(settings.neighbour_fraction), "bands": 1, "devices": [],
             "calls": 0, "seconds_per_call": 0.0, "bytes_per_call": 0, "bytes_per_call_warmup": 0,
             "height": int(samples.shape[-2]), "width": int(samples.shape[-1]), "fallback": None,
-            "partial": None, "model_bytes_sent": 0, "weights_on": []}
+            "partial": None, "model_bytes_sent": 0, "weights_on": [], "exchange": settings.exchange,
+            "far_refresh": settings.far_refresh}
 
 
 class PCPPParallelModel(io.ComfyNode):
@@ -157,8 +172,9 @@ class PCPPParallelModel(io.ComfyNode):
         return check_devices(devices)
 
     @classmethod
-    def execute(cls, model, devices, neighbour_fraction, mode, warmup_steps, cfg_split) -> io.NodeOutput:
-        settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split)
+    def execute(cls, model, devices, neighbour_fraction, mode, warmup_steps, cfg_split,
+                exchange="none", far_refresh=0) -> io.NodeOutput:
+        settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split, exchange, far_refresh)
         node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
         return io.NodeOutput(remove_pcpp(model) if settings.off else apply_pcpp(model, settings, node_id)[0])
 

@@ -41,6 +41,9 @@ class PatchConfig:
     warmup_steps: int = 4  # leading sampler steps (calls of a slot, without steps) run synchronously
     cfg_split: bool = False  # run cond and uncond halves of a batch on two device groups
     fresh_activations: bool = False  # verification: exchange synchronously every call, keep the window
+    compress: str = "none"  # exchange codec of the stale calls (pcpp_core.codecs); warm-up stays exact
+    far_refresh: int = 0  # pcpp: also attend to rows outside the window, held by the receiver and
+    #                       refreshed one 1/far_refresh slice per call (0: the window only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode))
@@ -54,9 +57,17 @@ class PatchConfig:
                 "whole neighbour when bands are even; >= the band count covers the image)"
             )
         object.__setattr__(self, "fraction", float(f))
+        from .codecs import get_codec  # the registry names the valid codecs
+
+        object.__setattr__(self, "compress", get_codec(self.compress).name)
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"warmup_steps={w!r} must be an integer >= 0")
+        r = self.far_refresh
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ConfigError(f"far_refresh={r!r} must be an integer >= 0 (0 = the window only)")
+        if r and w < 1 and self.mode is Mode.PCPP:
+            raise ConfigError(f"far_refresh={r} needs warmup_steps >= 1: the warm-up fills the far rows")
 
     @property
     def window_fraction(self) -> float | None:

@@ -171,6 +171,11 @@ class Engine:
                          ",".join(self.pool_config.devices), self.pool_config.idle_timeout_s)
                 self._shutdown_locked()
 
+    def debug_baselines(self) -> dict[int, dict]:
+        """Every worker's residual-codec baselines (rank -> {key: (tensor, rows)}), for tests
+        that check sender and receiver hold identical copies; changes nothing."""
+        return self.pool.request({r: ("baselines", None) for r in range(self.pool.size)})
+
     # -- model ----------------------------------------------------------------------------
     def load(self, model: nn.Module, model_key: Hashable = None, weights: WeightSource | None = None) -> None:
         """Send `model` to the workers unless this version is already there.

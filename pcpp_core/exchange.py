@@ -12,11 +12,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from .codecs import NONE, Baselines, Codec, get_codec
 from .geometry import Bands
 
 log = logging.getLogger("pcpp.exchange")
@@ -34,6 +35,9 @@ class CallState:
     synchronous: bool  # wait for fresh data from the other bands before using it
     window: float | None  # attention window in band heights; None = whole image
     exchange: bool = True  # False in naive mode: nothing is sent, borders are zero, stats local
+    compress: str = NONE  # codec of the stale (asynchronous) calls; synchronous calls travel exact
+    far_refresh: int = 0  # pcpp far context: rows outside the window held by the receiver, refreshed 1/n per call
+    index: int = 0  # this call's index in its slot (picks the far slice)
 
 
 @dataclass
@@ -47,8 +51,11 @@ class Piece:
 @dataclass
 class _Inflight:
     works: list[Any]
-    received: dict[int, Piece]
+    buffers: dict[int, torch.Tensor]  # what arrives, per band (raw, or a codec's payload)
+    rows: dict[int, Rows]
     sent: list[torch.Tensor]  # kept alive until the sends complete
+    decode: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # codec hook, run once
+    _pieces: dict[int, Piece] | None = None
 
     def wait(self, deadline: float | None = None) -> bool:
         """Wait for every transfer; with a `deadline` (time.monotonic), False once it passes."""
@@ -64,6 +71,14 @@ class _Inflight:
         self.works.clear()
         self.sent.clear()
         return True
+
+    def received(self) -> dict[int, Piece]:
+        """Wait, then the data per band (decoded exactly once: residual baselines advance here)."""
+        self.wait()
+        if self._pieces is None:
+            dec = self.decode
+            self._pieces = {b: Piece(dec(b, t) if dec else t, self.rows[b]) for b, t in self.buffers.items()}
+        return self._pieces
 
 
 Transport = Callable[[dict[int, torch.Tensor], dict[int, torch.Tensor], int], list[Any]]
@@ -91,6 +106,7 @@ class Exchange:
     _inflight: dict[tuple[int, str], _Inflight] = field(default_factory=dict)
     _occurrence: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _tags: dict[str, int] = field(default_factory=dict)
+    baselines: Baselines = field(default_factory=Baselines)  # residual codecs' state, per run
 
     def begin(self, call: CallState, transport: Transport | None) -> None:
         self.call, self.transport = call, transport
@@ -112,7 +128,16 @@ class Exchange:
         clean = all(inflight.wait(deadline) for inflight in self._inflight.values())
         self._inflight.clear()
         self._tags.clear()
+        self.baselines.reset()
         return clean
+
+    def settled_baselines(self) -> dict:
+        """Debug view for tests: decode what has arrived but is not used yet (the same decode the
+        next call would run, done once), then copy every residual baseline to the CPU."""
+        with torch.inference_mode():  # the baselines are inference tensors, updated in place
+            for inflight in self._inflight.values():
+                inflight.received()
+        return self.baselines.snapshot()
 
     def swap(
         self,
@@ -121,12 +146,22 @@ class Exchange:
         recvs: dict[int, tuple[tuple[int, ...], Rows]],
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        channel_dim: int | None = None,
+        send_rows: dict[int, Sequence[int]] | None = None,
+        recv_rows: dict[int, Sequence[int]] | None = None,
+        spans: dict[int, Rows] | None = None,
+        hold: bool = False,
     ) -> dict[int, Piece]:
         """Send `sends[band]` to each band; return, per band in `recvs`, its data for this call.
 
         Synchronous calls wait and return this call's data. Asynchronous calls return the data
         received during the previous call of this slot (stale) and leave this call's exchange
         in flight; the first call of a slot has nothing stale and runs synchronously.
+        `channel_dim` marks the data compressible by the run's codec (scales per channel);
+        `send_rows`/`recv_rows` name the image rows (dim 1) of each send/receive and `spans[band]`
+        each band's rows, for the baselines; `hold`: the receiver keeps each band's whole span
+        and returns it (pcpp's far context), the rows that arrive updating it.
         """
         call = self.call
         assert call is not None and self.transport is not None, "swap() outside a call"
@@ -135,19 +170,68 @@ class Exchange:
         key = (call.slot, f"{layer}#{n}")
         tag = self._tags.setdefault(f"{call.slot}:{key[1]}", len(self._tags))
         sends = {b: t.contiguous() for b, t in sends.items()}
-        buffers = {b: torch.empty(shape, dtype=dtype, device=device) for b, (shape, _) in recvs.items()}
-        works = self.transport(sends, buffers, tag)
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in sends.values())
-        fresh = _Inflight(list(works), {b: Piece(buffers[b], recvs[b][1]) for b in buffers}, list(sends.values()))
+        codec = None if channel_dim is None or (call.compress == NONE and not hold) else get_codec(call.compress)
+        rows = _RowInfo(call.band, send_rows or {}, recv_rows or {}, spans or {}, hold)
+        wire, buffers, decode = self._codec_hook(codec, key, sends, recvs, dtype, device, channel_dim, rows)
+        works = self.transport(wire, buffers, tag)
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in wire.values())
+        got_rows = {b: rows.span(b) if hold else recvs[b][1] for b in buffers}  # held: the whole span returns
+        fresh = _Inflight(list(works), buffers, got_rows, list(wire.values()), decode)
         previous = self._inflight.get(key)
         self._inflight[key] = fresh
         if call.synchronous or previous is None:
             if previous is not None:
                 previous.wait()
-            fresh.wait()
-            return fresh.received
-        previous.wait()  # arrived during the previous call of this slot; never blocks this call's sends
-        return previous.received
+            return fresh.received()
+        return previous.received()  # arrived during the previous call of this slot; never blocks this call's sends
+
+    def _codec_hook(self, codec: Codec | None, key: tuple[int, str], sends: dict[int, torch.Tensor],
+                    recvs: dict[int, tuple[tuple[int, ...], Rows]], dtype: torch.dtype, device: torch.device,
+                    channel_dim: int | None, rows: "_RowInfo"):
+        """(what goes on the wire, receive buffers, decode hook) of one swap.
+
+        No codec: raw tensors. Synchronous calls: raw tensors too (exact), which also become the
+        baselines. Stale calls: each codec payload, decoded when the data is used.
+        """
+        raw = {b: torch.empty(shape, dtype=dtype, device=device) for b, (shape, _) in recvs.items()}
+        if codec is None:
+            return sends, raw, None
+        assert channel_dim is not None
+        base = self.baselines
+        keep = codec.residual or rows.hold
+        if self.call.synchronous:
+            if not keep:
+                return sends, raw, None
+            for b, t in sends.items() if codec.residual else ():  # the sender's copy of a residual baseline
+                base.remember((key, b, "tx"), t, rows.span(rows.band))
+            return sends, raw, lambda b, t: base.remember((key, b, "rx"), t, rows.span(b))
+        wire = {b: base.encode(codec, (key, b, "tx"), t, rows.sent(b), rows.span(rows.band), channel_dim)
+                for b, t in sends.items()}
+        size = dtype.itemsize
+        buffers = {b: torch.empty(codec.nbytes(shape, channel_dim, size), dtype=torch.uint8, device=device)
+                   for b, (shape, _) in recvs.items()}
+        return wire, buffers, lambda b, t: base.decode(codec, (key, b, "rx"), t, recvs[b][0], rows.received(b),
+                                                       rows.span(b), channel_dim, dtype, rows.hold)
+
+
+@dataclass(frozen=True)
+class _RowInfo:
+    """Which image rows a swap's sends and receives carry (empty dicts: no row semantics)."""
+
+    band: int
+    send: dict[int, Sequence[int]]
+    recv: dict[int, Sequence[int]]
+    spans: dict[int, Rows]
+    hold: bool
+
+    def span(self, band: int) -> Rows:
+        return self.spans.get(band, (0, 0))
+
+    def sent(self, band: int) -> Sequence[int] | None:
+        return self.send.get(band)
+
+    def received(self, band: int) -> Sequence[int] | None:
+        return self.recv.get(band)
 
 
 # ---- diagnostics (`python -m pcpp_core doctor`) ---------------------------------------------

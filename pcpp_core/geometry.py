@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Protocol
 
 from .errors import ConfigError
 
@@ -93,6 +93,25 @@ class Bands:
         lo, hi = max(w0, s0), min(w1, s1)
         return (lo, hi) if lo < hi else (0, 0)
 
+    def sent_rows(self, dst: int, src: int, level: int, fraction: float | None, far_refresh: int = 0,
+                  step: int = 0) -> tuple[int, ...]:
+        """Image rows of band `src` that travel to band `dst` in one stale call (sorted).
+
+        Without `far_refresh`: the rows `dst`'s window needs. With it (pcpp's far context), also
+        one of `far_refresh` equal slices of the rest of `src`'s band, slice `step % far_refresh`:
+        every row of the band is refreshed at least once in `far_refresh` steps.
+        """
+        lo, hi = self.needed(dst, src, level, fraction)
+        near = range(lo, hi)
+        if not far_refresh or dst == src:
+            return tuple(near)
+        s0, s1 = self.rows(src, level)
+        far = [r for r in range(s0, s1) if not lo <= r < hi]
+        n = min(far_refresh, len(far)) or 1  # never an empty slice while far rows remain
+        c = step % n
+        chunk = far[c * len(far) // n: (c + 1) * len(far) // n]
+        return tuple(sorted([*near, *chunk]))
+
     def level_of_tokens(self, band: int, tokens: int) -> int:
         """The level whose band shape holds `tokens` tokens (attention sees [B, tokens, C])."""
         for level in range(self.levels + 1):
@@ -136,6 +155,12 @@ class LayerSpec:
 STAT_BYTES = 4  # GroupNorm statistics always travel as float32 (mean, variance per group)
 
 
+class SizeFormula(Protocol):
+    """What `bytes_sent` needs of an exchange codec (pcpp_core.codecs.Codec): its exact size."""
+
+    def nbytes(self, shape: tuple[int, ...], channel_dim: int, element_size: int) -> int: ...
+
+
 def bytes_sent(
     specs: Iterable[LayerSpec],
     bands: Bands,
@@ -145,14 +170,27 @@ def bytes_sent(
     element_size: int,
     fraction: float | None,
     exchange: bool = True,
+    codec: SizeFormula | None = None,
+    far_refresh: int = 0,
+    step: int = 0,
 ) -> int:
     """Bytes band `band` sends in one call (one model evaluation).
 
     `fraction` is the attention window (None = whole image, as in every synchronous call);
-    `exchange=False` is naive mode: nothing is sent.
+    `exchange=False` is naive mode: nothing is sent. `codec` (stale calls only) sizes each
+    K/V and conv-halo send; GroupNorm statistics always travel as fp32. `far_refresh`/`step`:
+    pcpp's far context in a stale call (see `Bands.sent_rows`).
     """
     if not exchange or bands.count == 1:
         return 0
+
+    def size(shape: tuple[int, ...], channel_dim: int) -> int:
+        if not math.prod(shape):
+            return 0
+        if codec is None:
+            return math.prod(shape) * element_size
+        return codec.nbytes(shape, channel_dim, element_size)
+
     total = 0
     others = [j for j in range(bands.count) if j != band]
     for spec in specs:
@@ -160,14 +198,14 @@ def bytes_sent(
         if spec.kind == "conv":
             above, below = conv_halo(spec.kernel, spec.stride, spec.padding)
             # my bottom rows are the halo above the next band; my top rows the halo below the previous
-            rows = (above if band + 1 < bands.count else 0) + (below if band > 0 else 0)
-            total += rows * batch * spec.channels * cols * element_size
+            if band + 1 < bands.count:
+                total += size((batch, spec.channels, above, cols), 1)
+            if band > 0:
+                total += size((batch, spec.channels, below, cols), 1)
         elif spec.kind == "groupnorm":
             total += len(others) * 2 * batch * spec.channels * STAT_BYTES
         else:
-            rows = 0
             for dst in others:
-                lo, hi = bands.needed(dst, band, spec.level, fraction)
-                rows += hi - lo
-            total += 2 * rows * batch * spec.channels * cols * element_size
+                rows = len(bands.sent_rows(dst, band, spec.level, fraction, far_refresh, step))
+                total += size((batch, rows, cols, 2 * spec.channels), -1)  # K/V rows [B, r, W, 2D]
     return total

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import Mode, PatchConfig
 from .errors import ConfigError
+from .codecs import NONE
 from .exchange import CallState, Exchange, Transport
 from .geometry import Bands
 from .plans import apply_plan, find_plan
@@ -114,6 +115,9 @@ class BandRunner:
             synchronous=sync,
             window=None if sync and not cfg.fresh_activations else cfg.window_fraction,
             exchange=cfg.mode is not Mode.NAIVE,
+            compress=cfg.compress if cfg.mode in (Mode.PCPP, Mode.DISTRIFUSION) else NONE,
+            far_refresh=cfg.far_refresh if cfg.mode is Mode.PCPP and not cfg.fresh_activations else 0,
+            index=slot.calls,
         )
         slot.calls += 1
         kwargs = {k: cut_spatial(v, bands, band) if k in self.plan.spatial_kwargs else v

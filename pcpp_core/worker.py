@@ -96,6 +96,10 @@ class Worker:
         out, stats = self.runner.run(req, torch_p2p)
         return out.cpu(), stats
 
+    def op_baselines(self, payload: Any) -> dict:
+        """Debug/test view of the residual codecs' baselines (CPU copies)."""
+        return {} if self.runner is None else self.runner.exchange.settled_baselines()
+
     def op_ping(self, payload: Any) -> int:
         return os.getpid()
 
@@ -108,7 +112,8 @@ class Worker:
     def serve(self, conn) -> None:
         handlers = {"load": self.op_load, "reset": self.op_reset, "call": self.op_call, "ping": self.op_ping,
                     "patch": self.op_patch,
-                    "p2p": self.op_p2p}  # p2p: the doctor's transfer test
+                    "p2p": self.op_p2p,  # p2p: the doctor's transfer test
+                    "baselines": self.op_baselines}  # tests: residual-codec baselines
         while True:
             try:
                 op, payload = pickle.loads(conn.recv_bytes())

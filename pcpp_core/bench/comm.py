@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..codecs import NONE, codec_names, get_codec
 from ..config import PatchConfig, PoolConfig
 from ..geometry import Bands, LayerSpec, bytes_sent
 from ..plans import find_plan, profile_layers
@@ -41,6 +43,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-size", type=int, default=64, help="image rows of the real gloo cross-check")
     p.add_argument("--check-bands", default="2", help="worker counts of the cross-check")
     p.add_argument("--no-check", action="store_true", help="skip the real gloo cross-check")
+    p.add_argument("--compress", default=",".join(codec_names()),
+                   help="exchange codecs (pcpp_core.codecs) counted for pcpp at --codec-fractions and distrifusion")
+    p.add_argument("--codec-fractions", default="0.3", help="pcpp fractions that get a row per codec")
+    p.add_argument("--far-refresh", default="4",
+                   help="pcpp far_refresh values that get a row per codec (0 or empty: none)")
+
+
+def parse_codecs(text: str) -> list[str]:
+    """Codec names from a comma list, validated by the registry; `none` first."""
+    names = [get_codec(n).name for n in text.split(",") if n.strip()]
+    return [NONE] + [n for n in dict.fromkeys(names) if n != NONE]
 
 
 @lru_cache(maxsize=None)
@@ -52,16 +65,49 @@ def layer_specs(model: str, latent_h: int, latent_w: int) -> tuple[tuple[LayerSp
     return tuple(profile_layers(unet, plan, x, t, **kwargs)), plan.levels(unet)
 
 
-def mode_windows(fractions: list[float]) -> list[tuple[str, float | None, float | None, bool]]:
-    """(mode, fraction field, attention window, exchanges) after warm-up, as PatchConfig defines them."""
-    out: list[tuple[str, float | None, float | None, bool]] = [("naive", None, 0.0, False)]
-    out += [("pcpp", f, PatchConfig(mode="pcpp", fraction=f).window_fraction, True) for f in fractions]
-    out.append(("distrifusion", None, None, True))
+@dataclass(frozen=True)
+class Variant:
+    """One configuration counted after warm-up, as PatchConfig defines it."""
+
+    mode: str
+    fraction: float | None  # the fraction field (pcpp only)
+    window: float | None  # attention window of the stale calls (None = whole image)
+    exchange: bool = True
+    codec: str = NONE
+    far: int = 0  # pcpp far_refresh
+
+    @property
+    def label(self) -> str:
+        return mode_label(self.mode, self.fraction, self.codec, self.far)
+
+    def patch(self, warmup: int) -> PatchConfig:
+        return PatchConfig(mode=self.mode, fraction=self.fraction or 0.0, warmup_steps=warmup,
+                           compress=self.codec, far_refresh=self.far)
+
+    def sent(self, specs, bands: Bands, band: int, step: int | None, **kw) -> int:
+        """Bytes of a stale call with index `step` (None: the worst step of a far-refresh cycle)."""
+        sizer = None if self.codec == NONE else get_codec(self.codec)
+        steps = [step] if step is not None else list(range(max(1, self.far)))
+        return max(bytes_sent(specs, bands, band, fraction=self.window, exchange=self.exchange, codec=sizer,
+                              far_refresh=self.far, step=s, **kw) for s in steps)
+
+
+def mode_windows(fractions: list[float], codecs: list[str] = (NONE,), codec_fractions: list[float] = (0.3,),
+                 far_refresh: list[int] = ()) -> list[Variant]:
+    """Every mode uncompressed, then each codec for pcpp at `codec_fractions` (window only and
+    with each far refresh) and distrifusion."""
+    out = [Variant("naive", None, 0.0, exchange=False)]
+    for codec in codecs:
+        fs = fractions if codec == NONE else list(codec_fractions)
+        out += [Variant("pcpp", f, PatchConfig(mode="pcpp", fraction=f).window_fraction, codec=codec) for f in fs]
+        out += [Variant("pcpp", f, f, codec=codec, far=k) for f in codec_fractions for k in far_refresh if k]
+        out.append(Variant("distrifusion", None, None, codec=codec))
     return out
 
 
 def comm_rows(cases: list[tuple[str, int]], band_counts: list[int], fractions: list[float], batch: int,
-              element_size: int) -> list[Row]:
+              element_size: int, codecs: list[str] = (NONE,), codec_fractions: list[float] = (0.3,),
+              far_refresh: list[int] = ()) -> list[Row]:
     rows: list[Row] = []
     for model, pixels in cases:
         lat = pixels // VAE_FACTOR
@@ -69,25 +115,26 @@ def comm_rows(cases: list[tuple[str, int]], band_counts: list[int], fractions: l
         for n in band_counts:
             bands = Bands.split(lat, lat, n, levels)
             counted = {}
-            for mode, fraction, window, exchange in mode_windows(fractions):
-                per_band = [bytes_sent(specs, bands, b, batch=batch, element_size=element_size,
-                                       fraction=window, exchange=exchange) for b in range(n)]
-                counted[(mode, fraction)] = (max(per_band), sum(per_band))
-            distri = counted[("distrifusion", None)][0]
-            for (mode, fraction), (peak, total) in counted.items():
+            for v in mode_windows(fractions, codecs, codec_fractions, far_refresh):
+                per_band = [v.sent(specs, bands, b, None, batch=batch, element_size=element_size) for b in range(n)]
+                counted[v] = (max(per_band), sum(per_band))
+            distri = counted[Variant("distrifusion", None, None)][0]
+            for v, (peak, total) in counted.items():
                 rows.append(base_row(
-                    "comm", mode, fraction, n, pixels, pixels, model=model, batch=batch,
-                    element_size=element_size, bytes_per_step=peak, bytes_all_devices=total,
+                    "comm", v.mode, v.fraction, n, pixels, pixels, model=model, batch=batch, compress=v.codec,
+                    far_refresh=v.far, element_size=element_size, bytes_per_step=peak, bytes_all_devices=total,
                     ratio_vs_distrifusion=peak / distri if distri else None,
-                    _bytes_per_step=fmt_bytes(peak), _label=mode_label(mode, fraction),
-                    _saving=f"{100 * (1 - peak / distri):.0f}%" if distri else "-",
+                    _bytes_per_step=fmt_bytes(peak), _label=v.label,
+                    _saving=f"{100 * (1 - peak / distri):.1f}%" if distri else "-",
                 ))
     return rows
 
 
-def cross_check(size: int, band_counts: list[int], fractions: list[float], warmup: int = 1) -> list[Row]:
+def cross_check(size: int, band_counts: list[int], fractions: list[float], warmup: int = 1,
+                codecs: list[str] = (NONE,), codec_fractions: list[float] = (0.3,),
+                far_refresh: list[int] = ()) -> list[Row]:
     """Run the bundled tiny model (fp32, CFG batch of 2) on real gloo workers in every mode and
-    compare each rank's bytes sent, warm-up and steady calls, with `bytes_sent`."""
+    codec and compare each rank's bytes sent, warm-up and two stale calls, with `bytes_sent`."""
     from ..engine import Engine
     from ..tiny_model import load_tiny_unet
 
@@ -100,39 +147,46 @@ def cross_check(size: int, band_counts: list[int], fractions: list[float], warmu
     for n in band_counts:
         engine = Engine(PoolConfig(devices=("cpu",) * n, threads_per_worker=1))
         try:
-            rows += engine_bytes_rows(engine, unet, x, t, ctx, fractions, warmup)
+            rows += engine_bytes_rows(engine, unet, x, t, ctx, fractions, warmup, codecs, codec_fractions,
+                                      far_refresh)
         finally:
             engine.shutdown()
     return rows
 
 
 def engine_bytes_rows(engine: "Engine", unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
-                      ctx: torch.Tensor, fractions: list[float], warmup: int = 1) -> list[Row]:
-    """Every mode on `engine` with the CFG batch `x` [2, C, H, W]: each rank's bytes sent in a
-    warm-up and a steady call against `bytes_sent` (activations of x's element size). Also the
-    doctor's check, on whatever devices the engine runs."""
+                      ctx: torch.Tensor, fractions: list[float], warmup: int = 1, codecs: list[str] = (NONE,),
+                      codec_fractions: list[float] = (0.3,), far_refresh: list[int] = ()) -> list[Row]:
+    """Every mode (and codec) on `engine` with the CFG batch `x` [2, C, H, W]: each rank's bytes
+    sent in a warm-up and two stale calls ("steady-1", "steady") against `bytes_sent`
+    (activations of x's element size). Also the doctor's check, on whatever devices the engine runs."""
     plan = find_plan(unet)
     specs = profile_layers(unet, plan, x, t, encoder_hidden_states=ctx)
     n, size, element_size = engine.pool_config.world_size, x.shape[2], x.element_size()
     bands = Bands.split(size, x.shape[3], n, plan.levels(unet))
+    kw = dict(batch=x.shape[0], element_size=element_size)
     rows: list[Row] = []
-    for mode, fraction, window, exchange in mode_windows(fractions) + [("sync", None, None, True)]:
-        engine.new_run(PatchConfig(mode=mode, fraction=fraction or 0.0, warmup_steps=warmup))
-        for _ in range(warmup + 1):
+    for v in mode_windows(fractions, codecs, codec_fractions, far_refresh) + [Variant("sync", None, None)]:
+        engine.new_run(v.patch(warmup))
+        for _ in range(warmup + 2):
             engine(unet, x, t, encoder_hidden_states=ctx, slot="cfg", batch_chunks=2)
         calls = engine.stats.calls
-        for call in ([calls[0]] if calls[0].synchronous and len(calls) > 1 else []) + [calls[-1]]:
-            win = None if call.synchronous and mode != "naive" else window
-            expected = {b: bytes_sent(specs, bands, b, batch=x.shape[0], element_size=element_size, fraction=win,
-                                      exchange=exchange) for b in range(n)}
+        for index, call in enumerate(calls):
+            if 0 < index < warmup or (call.synchronous and index and v.mode != "sync"):
+                continue  # one warm-up call and the stale ones (sync: every call)
+            if call.synchronous and v.mode != "naive":
+                expected = {b: bytes_sent(specs, bands, b, fraction=None, **kw) for b in range(n)}
+            else:
+                expected = {b: v.sent(specs, bands, b, index, **kw) for b in range(n)}
             ok = expected == call.bytes_sent
+            label = "warm-up" if call.synchronous else ("steady" if index == len(calls) - 1 else "steady-1")
             rows.append(base_row(
-                "comm-check", mode, fraction, n, size, x.shape[3], model="pcpp-tiny-unet",
-                call="warm-up" if call.synchronous else "steady", bytes_analytic=max(expected.values()),
-                bytes_measured=max(call.bytes_sent.values()), match=ok,
-                per_rank_analytic=[expected[b] for b in range(n)],
+                "comm-check", v.mode, v.fraction, n, size, x.shape[3], model="pcpp-tiny-unet", compress=v.codec,
+                far_refresh=v.far, call=label if v.mode != "sync" else f"sync #{index}",
+                bytes_analytic=max(expected.values()), bytes_measured=max(call.bytes_sent.values()),
+                match=ok, per_rank_analytic=[expected[b] for b in range(n)],
                 per_rank_measured=[call.bytes_sent[b] for b in range(n)],
-                _label=mode_label(mode, fraction), _match="yes" if ok else "NO"))
+                _label=v.label, _match="yes" if ok else "NO"))
     return rows
 
 
@@ -142,7 +196,9 @@ def run(args: argparse.Namespace) -> int:
         model, _, px = item.partition(":")
         cases.append((model.strip(), int(px)))
     bands, fractions = parse_ints(args.bands), parse_floats(args.fractions)
-    rows = comm_rows(cases, bands, fractions, args.batch, args.element_size)
+    codecs, codec_fractions = parse_codecs(args.compress), parse_floats(args.codec_fractions)
+    far = parse_ints(args.far_refresh)
+    rows = comm_rows(cases, bands, fractions, args.batch, args.element_size, codecs, codec_fractions, far)
     emit(rows, [("model", "model"), ("pixels", "height"), ("bands", "bands"), ("mode", "label"),
                 ("bytes/step (max device)", "bytes_per_step"), ("vs distrifusion", "ratio_vs_distrifusion"),
                 ("saving", "saving")],
@@ -151,10 +207,15 @@ def run(args: argparse.Namespace) -> int:
                 f"({'CFG cond+uncond batched' if args.batch == 2 else 'no CFG batching'}), "
                 f"{args.element_size}-byte activations; max over devices; GroupNorm stats travel as fp32",
                 "warm-up steps (synchronous) send the whole-image amount, like distrifusion",
-                "counted by geometry.bytes_sent from the layers of a meta-tensor forward pass"])
+                "counted by geometry.bytes_sent from the layers of a meta-tensor forward pass",
+                "[codec]: K/V rows and conv halos of the stale calls travel through that codec "
+                "(payload + float32 scales per batch item and channel); warm-up stays exact",
+                "far/N: pcpp also attends to the rest of the image from the receiver's copy, refreshed one "
+                "1/N slice per step (bytes: the worst step of the cycle)"])
     if args.no_check:
         return 0
-    checks = cross_check(args.check_size, parse_ints(args.check_bands), fractions)
+    checks = cross_check(args.check_size, parse_ints(args.check_bands), fractions, codecs=codecs,
+                         codec_fractions=codec_fractions, far_refresh=far)
     emit(checks, [("bands", "bands"), ("mode", "label"), ("call", "call"), ("analytic", "bytes_analytic"),
                   ("measured", "bytes_measured"), ("match", "match")],
          as_json=args.json, save=args.save,
@@ -165,6 +226,6 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise CrossCheckError(
             "analytic byte count differs from the bytes actually sent: "
-            + "; ".join(f"{c['mode']} f={c['fraction']} {c['bands']} bands {c['call']}: analytic "
+            + "; ".join(f"{c['_label']} {c['bands']} bands {c['call']}: analytic "
                         f"{c['per_rank_analytic']} measured {c['per_rank_measured']}" for c in bad))
     return 0

@@ -164,5 +164,7 @@ def base_row(bench: str, mode: str, fraction: float | None, bands: int, height: 
             "width": width, **extra}
 
 
-def mode_label(mode: str, fraction: float | None) -> str:
-    return f"pcpp f={fraction:g}" if mode == "pcpp" and fraction is not None else mode
+def mode_label(mode: str, fraction: float | None, compress: str | None = "none", far: int | None = 0) -> str:
+    label = f"pcpp f={fraction:g}" if mode == "pcpp" and fraction is not None else mode
+    label += f" far/{far}" if far else ""
+    return label if compress in ("none", None) else f"{label} [{compress}]"

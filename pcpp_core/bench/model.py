@@ -23,8 +23,9 @@ from functools import lru_cache
 import torch
 
 from ..geometry import Bands, LayerSpec, bytes_sent
-from .comm import layer_specs, mode_windows
-from .common import VAE_FACTOR, Row, base_row, build_unet, emit, mode_label, parse_floats, parse_ints, unet_inputs
+from ..codecs import NONE, get_codec
+from .comm import Variant, layer_specs, mode_windows, parse_codecs
+from .common import VAE_FACTOR, Row, base_row, build_unet, emit, parse_floats, parse_ints, unet_inputs
 
 log = logging.getLogger("pcpp.bench.model")
 
@@ -53,6 +54,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-ms", type=float, default=2.0, help="host round trip per multi-GPU step")
     p.add_argument("--batch", type=int, default=2, help="2 = CFG cond+uncond batched")
     p.add_argument("--element-size", type=int, default=2, help="bytes per activation (2 = fp16)")
+    p.add_argument("--compress", default="none", help="exchange codecs (pcpp at --fractions, distrifusion)")
+    p.add_argument("--far-refresh", default="", help="pcpp far_refresh values modelled per codec")
+    p.add_argument("--codec-device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where each codec's encode+decode cost is MEASURED (default: a GPU if there is one; "
+                        "'none': not counted)")
+
+
+@lru_cache(maxsize=None)
+def codec_cost(name: str, device: str, element_size: int) -> tuple[float, float]:
+    """MEASURED (seconds per send, seconds per element) of encode + decode on `device`: a
+    least-squares line through timings at two K/V-like sizes (SDXL widths)."""
+    import time
+
+    codec = get_codec(name)
+    dtype = torch.float16 if element_size == 2 and device != "cpu" else torch.float32
+    points = []
+    for rows in (2, 16):
+        x = torch.randn(2, rows, 128, 1280, device=device).to(dtype)  # [B, rows, W, 2D]
+        codec.decode(codec.encode(x, -1), tuple(x.shape), -1, dtype)  # warm
+        reps = 5
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            codec.decode(codec.encode(x, -1), tuple(x.shape), -1, dtype)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        points.append((x.numel(), (time.perf_counter() - t0) / reps))
+    (n0, t0_), (n1, t1) = points
+    per_element = max(0.0, (t1 - t0_) / (n1 - n0))
+    return max(0.0, t0_ - per_element * n0), per_element
 
 
 @lru_cache(maxsize=None)
@@ -98,8 +130,7 @@ def band_flops(model: str, pixels: int, n: int, window: float | None, batch: int
             for b in range(n)]
 
 
-def predict(args: argparse.Namespace, pixels: int, n: int, mode: str, window: float | None, exchange: bool,
-            bandwidth: float) -> dict[str, float]:
+def predict(args: argparse.Namespace, pixels: int, n: int, v: Variant, bandwidth: float) -> dict[str, float]:
     """Modelled seconds of a run on one GPU and on n GPUs, and its parts."""
     lat = pixels // VAE_FACTOR
     fixed = args.fixed_ms / 1000
@@ -108,8 +139,17 @@ def predict(args: argparse.Namespace, pixels: int, n: int, mode: str, window: fl
     specs, levels = layer_specs(args.model, lat, lat)
     bands = Bands.split(lat, lat, n, levels)
     kw = dict(batch=args.batch, element_size=args.element_size)
+    mode, window, exchange = v.mode, (None if v.far else v.window), v.exchange
     compute = fixed + max(band_flops(args.model, pixels, n, window, args.batch)) / rate
-    comm = max(bytes_sent(specs, bands, b, fraction=window, exchange=exchange, **kw) for b in range(n)) / bandwidth
+    comm = max(v.sent(specs, bands, b, None, **kw) for b in range(n)) / bandwidth
+    codec_s = 0.0
+    if v.codec != NONE and args.codec_device != "none":  # encode the sends + decode the receives (as many)
+        per_send, per_element = codec_cost(v.codec, args.codec_device, args.element_size)
+        raw = Variant(v.mode, v.fraction, v.window, v.exchange, NONE, v.far)
+        elements = max(raw.sent(specs, bands, b, None, **kw) for b in range(n)) / args.element_size
+        sends = sum(1 for s in specs if s.kind != "groupnorm") * min(2, n - 1)
+        codec_s = 2 * (sends * per_send + elements * per_element)
+    compute += codec_s
     host = args.host_ms / 1000
     if mode == "sync" or not exchange:
         warm, steady = 0, (compute + comm + len(specs) * args.latency_us * 1e-6 * exchange) + host
@@ -121,7 +161,8 @@ def predict(args: argparse.Namespace, pixels: int, n: int, mode: str, window: fl
     sync_step = sync_compute + sync_comm + len(specs) * args.latency_us * 1e-6 + host
     total = warm * sync_step + (args.steps - warm) * steady
     return {"one_gpu_s": one_step * args.steps, "run_s": total, "step_ms": steady * 1000,
-            "compute_ms": compute * 1000, "comm_ms": comm * 1000, "one_gpu_step_ms": one_step * 1000}
+            "compute_ms": compute * 1000, "comm_ms": comm * 1000, "one_gpu_step_ms": one_step * 1000,
+            "codec_ms": codec_s * 1000}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,28 +170,32 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--fixed-ms {args.fixed_ms} must be below --gpu-step-ms {args.gpu_step_ms}")
     links = {k: float(v) * 1e9 for k, v in (item.split("=") for item in args.links.split(","))}
     wanted = {m.strip() for m in args.modes.split(",")}
-    modes = [m for m in mode_windows(parse_floats(args.fractions)) if m[0] in wanted]
+    variants = mode_windows(parse_floats(args.fractions), parse_codecs(args.compress), parse_floats(args.fractions),
+                            parse_ints(args.far_refresh))
+    modes = [v for v in variants if v.mode in wanted]
     if "sync" in wanted:
-        modes.append(("sync", None, None, True))
+        modes.append(Variant("sync", None, None))
     rows: list[Row] = []
     for pixels in parse_ints(args.sizes):
         for n in parse_ints(args.gpus):
             for link, bw in links.items():
-                for mode, fraction, window, exchange in modes:
-                    p = predict(args, pixels, n, mode, window, exchange, bw)
-                    paper = PAPER_DISTRIFUSION_3840.get(n) if (mode, pixels, link) == ("distrifusion", 3840, "nvlink") \
-                        and args.model == "sdxl" else None
+                for v in modes:
+                    p = predict(args, pixels, n, v, bw)
+                    paper = PAPER_DISTRIFUSION_3840.get(n) if (v.mode, pixels, link, v.codec) == \
+                        ("distrifusion", 3840, "nvlink", NONE) and args.model == "sdxl" else None
                     rows.append(base_row(
-                        "model", mode, fraction, n, pixels, pixels, model=args.model, link=link,
+                        "model", v.mode, v.fraction, n, pixels, pixels, model=args.model, link=link,
+                        compress=v.codec, far_refresh=v.far, predicted_codec_ms=p["codec_ms"],
+                        codec_device=args.codec_device if v.codec != NONE else None,
                         bandwidth_gbps=bw / 1e9, predicted_speedup=p["one_gpu_s"] / p["run_s"],
                         predicted_step_ms=p["step_ms"], predicted_compute_ms=p["compute_ms"],
                         predicted_comm_ms=p["comm_ms"], one_gpu_step_ms=p["one_gpu_step_ms"],
                         comm_hidden=p["comm_ms"] <= p["compute_ms"], paper_speedup=paper,
                         assumed_gpu_step_ms_at_ref=args.gpu_step_ms, ref_size=args.ref_size, modelled=True,
-                        _label=mode_label(mode, fraction), _hidden="yes" if p["comm_ms"] <= p["compute_ms"] else "NO"))
+                        _label=v.label, _hidden="yes" if p["comm_ms"] <= p["compute_ms"] else "NO"))
     emit(rows, [("pixels", "height"), ("GPUs", "bands"), ("link", "link"), ("mode", "label"),
                 ("1-GPU step ms", "one_gpu_step_ms"), ("band compute ms", "predicted_compute_ms"),
-                ("comm ms", "predicted_comm_ms"), ("hidden", "hidden"), ("speed-up (model)", "predicted_speedup"),
+                ("comm ms", "predicted_comm_ms"), ("codec ms", "predicted_codec_ms"), ("hidden", "hidden"), ("speed-up (model)", "predicted_speedup"),
                 ("paper", "paper_speedup")],
          as_json=args.json, save=args.save,
          title=f"bench model: PREDICTED speed-up of {args.model} over one GPU -- a model, not a measurement",
@@ -162,5 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 "speed-up = one-GPU run time / modelled run time",
                 "after warm-up communication overlaps compute (step = max); sync/warm-up: compute + comm + "
                 f"{args.latency_us:g} us per exchanging layer; +{args.host_ms:g} ms host round trip per step",
+                ("codec cost not counted (--codec-device none)" if args.codec_device == "none" else
+                 "codec ms: encode + decode MEASURED on " + args.codec_device + " (added to the band's compute; "
+                 "a CPU measurement is far slower than a GPU's)"),
                 PAPER_RANGES])
     return 0

@@ -51,7 +51,8 @@ def _pyplot() -> Any:
 
 def plot_comm(plt: Any, rows: list[Row], path: str) -> None:
     """Bytes per step against the pcpp fraction, one panel per model/size, one line per band
-    count; distrifusion as a dashed level of the same colour."""
+    count; distrifusion as a dashed level of the same colour (uncompressed rows only)."""
+    rows = [r for r in rows if r.get("compress", "none") == "none"]
     cases = sorted({(r["model"], r["height"]) for r in rows}, key=lambda c: (c[0], c[1]))
     fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6), squeeze=False)
     for ax, (model, px) in zip(axes[0], cases):
@@ -96,10 +97,10 @@ def plot_speed(plt: Any, rows: list[Row], path: str) -> None:
 
 
 def plot_quality(plt: Any, rows: list[Row], path: str) -> None:
-    """PSNR of the final sample against the fraction; other modes as levels."""
+    """PSNR of the final sample against the fraction; other modes as levels (uncompressed rows)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict[tuple[int, int], list[Row]] = defaultdict(list)
-    for r in rows:
+    for r in (r for r in rows if r.get("compress", "none") == "none"):
         groups[(r["height"], r["bands"])].append(r)
     for i, ((px, n), sub) in enumerate(sorted(groups.items())):
         color = f"C{i}"
@@ -149,6 +150,40 @@ def plot_model(plt: Any, rows: list[Row], path: str) -> None:
     _save(fig, plt, path)
 
 
+def plot_codecs(plt: Any, rows: list[Row], path: str) -> None:
+    """Bytes against PSNR per mode and codec (quality rows that carry bytes_per_step): bytes as a
+    fraction of uncompressed distrifusion's at the same size and band count; the Pareto front
+    (fewest bytes for at least that PSNR) as a line."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    groups: dict[tuple[int, int], list[Row]] = defaultdict(list)
+    for r in rows:
+        if r.get("bytes_per_step") and r["mode"] in ("pcpp", "distrifusion"):
+            groups[(r["height"], r["bands"])].append(r)
+    for i, ((px, n), sub) in enumerate(sorted(groups.items())):
+        base = next((r["bytes_per_step"] for r in sub if r["mode"] == "distrifusion"
+                     and r.get("compress", "none") == "none"), None)
+        if not base:
+            continue
+        pts = sorted((r["bytes_per_step"] / base, r["psnr_db"],
+                      mode_label(r["mode"], r["fraction"], r.get("compress"), r.get("far_refresh"))) for r in sub)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", s=14, label=f"{px}px {n} bands")
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), fontsize=5, xytext=(3, 2), textcoords="offset points")
+        front, best = [], -1e9
+        for x, y, _ in pts:
+            if y > best:
+                front.append((x, y))
+                best = y
+        ax.plot(*zip(*front), "-", color=f"C{i}", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per step / uncompressed distrifusion's")
+    ax.set_ylabel("PSNR vs one process (dB)")
+    ax.set_title("Bytes vs fidelity per codec (tiny trained model, fp32); line: Pareto front", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6)
+    _save(fig, plt, path)
+
+
 def _save(fig: Any, plt: Any, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -157,6 +192,7 @@ def _save(fig: Any, plt: Any, path: str) -> None:
 
 
 CHARTS = {"comm": plot_comm, "speed": plot_speed, "quality": plot_quality, "model": plot_model}
+DERIVED = {"codecs": ("quality", plot_codecs)}  # more charts from another part's rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,6 +215,11 @@ def run(args: argparse.Namespace) -> int:
         path = os.path.join(args.out, f"{name}.png")
         chart(plt, by_bench[name], path)
         written.append((name, path))
+    for name, (source, chart) in DERIVED.items():
+        if any(r.get("compress", "none") != "none" for r in by_bench[source]):
+            path = os.path.join(args.out, f"{name}.png")
+            chart(plt, by_bench[source], path)
+            written.append((name, path))
     for name, path in written:
         print(json.dumps({"bench": "plot", "chart": name, "path": path}) if args.json else f"wrote {path}")
     return 0

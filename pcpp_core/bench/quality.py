@@ -16,10 +16,12 @@ from typing import Callable
 
 import torch
 
-from ..config import PatchConfig, PoolConfig
+from ..codecs import NONE, codec_names
+from ..config import PoolConfig
 from ..engine import Engine
 from ..sampling import cfg_eps, euler_sample
-from .common import Row, base_row, emit, mode_label, parse_floats, parse_ints
+from .comm import Variant, parse_codecs
+from .common import Row, base_row, emit, parse_floats, parse_ints
 
 log = logging.getLogger("pcpp.bench.quality")
 
@@ -37,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids", default="0,5,8", help="image ids sampled together as one batch (see the model README)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--images", metavar="DIR", help="save side-by-side PNGs of the final samples here")
+    p.add_argument("--compress", default=",".join(codec_names()),
+                   help="exchange codecs run for pcpp at --codec-fractions and distrifusion (when in --modes)")
+    p.add_argument("--codec-fractions", default="0.3", help="pcpp fractions that get a run per codec")
+    p.add_argument("--far-refresh", default="4", help="pcpp far_refresh values run per codec (empty: none)")
 
 
 def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,10 +59,22 @@ def sample(model_fn: Callable[..., torch.Tensor], cond: torch.Tensor,
         return euler_sample(cfg_eps(model_fn, cond, uncond, args.cfg), noise, alphas, args.steps)
 
 
-def _modes(args: argparse.Namespace) -> list[tuple[str, float | None]]:
-    out: list[tuple[str, float | None]] = []
-    for mode in filter(None, (m.strip() for m in args.modes.split(","))):
-        out += [(mode, f) for f in parse_floats(args.fractions)] if mode == "pcpp" else [(mode, None)]
+def _modes(args: argparse.Namespace) -> list[Variant]:
+    """Every mode uncompressed, then for each codec: pcpp at --codec-fractions (window only, and
+    with each --far-refresh) and distrifusion. Uncompressed far-refresh runs come with the codecs."""
+    modes = [m for m in (m.strip() for m in args.modes.split(",")) if m]
+    out: list[Variant] = []
+    for mode in modes:
+        fs = parse_floats(args.fractions)
+        out += [Variant(mode, f, f) for f in fs] if mode == "pcpp" else [Variant(mode, None, None)]
+    codecs = parse_codecs(args.compress)
+    fs, far = parse_floats(args.codec_fractions), [k for k in parse_ints(args.far_refresh) if k]
+    for codec in codecs:
+        if "pcpp" in modes:
+            out += [Variant("pcpp", f, f, codec=codec) for f in fs if codec != NONE]
+            out += [Variant("pcpp", f, f, codec=codec, far=k) for f in fs for k in far]
+        if "distrifusion" in modes and codec != NONE:
+            out.append(Variant("distrifusion", None, None, codec=codec))
     return out
 
 
@@ -78,25 +96,28 @@ def run(args: argparse.Namespace) -> int:
         try:
             for s in sizes:
                 outs = {}
-                for mode, fraction in modes:
+                for v in modes:
                     t0 = time.perf_counter()
-                    engine.new_run(PatchConfig(mode=mode, fraction=fraction or 0.0, warmup_steps=args.warmup))
+                    engine.new_run(v.patch(args.warmup))
                     fn = lambda x, t, c, **call: engine(unet, x, t, encoder_hidden_states=c, batch_chunks=2, **call)  # noqa: E731
-                    out = outs[(mode, fraction)] = sample(fn, cond, null, noises[s], alphas, args)
+                    out = outs[v] = sample(fn, cond, null, noises[s], alphas, args)
                     per_image = [psnr_db(out[i], refs[s][i]) for i in range(len(ids))]
                     rows.append(base_row(
-                        "quality", mode, fraction, n, s, s, model="pcpp-tiny-unet", steps=args.steps,
+                        "quality", v.mode, v.fraction, n, s, s, model="pcpp-tiny-unet", compress=v.codec,
+                        far_refresh=v.far, steps=args.steps,
                         warmup=args.warmup, cfg=args.cfg, ids=ids, seed=args.seed,
                         psnr_db=sum(per_image) / len(per_image), psnr_db_min=min(per_image),
-                        max_abs=(out - refs[s]).abs().max().item(), _label=mode_label(mode, fraction)))
-                    log.info("%d bands %dpx %s: %.1f dB in %.1f s", n, s, mode_label(mode, fraction),
+                        max_abs=(out - refs[s]).abs().max().item(),
+                        bytes_per_step=engine.stats.summary()["bytes_per_call"],
+                        _label=v.label))
+                    log.info("%d bands %dpx %s: %.1f dB in %.1f s", n, s, v.label,
                              rows[-1]["psnr_db"], time.perf_counter() - t0)
                 if args.images:
                     save_grid(os.path.join(args.images, f"quality_{s}px_{n}bands.png"), refs[s], outs, ids)
         finally:
             engine.shutdown()
     emit(rows, [("pixels", "height"), ("bands", "bands"), ("mode", "label"), ("PSNR dB (mean)", "psnr_db"),
-                ("PSNR dB (worst)", "psnr_db_min"), ("max abs", "max_abs")],
+                ("PSNR dB (worst)", "psnr_db_min"), ("max abs", "max_abs"), ("bytes/step", "bytes_per_step")],
          as_json=args.json, save=args.save,
          title="bench quality: final sample vs the one-process sample (same seed, same sampler)",
          notes=[f"bundled tiny trained model (pixel space), {args.steps} Euler steps, CFG {args.cfg:g} batched "
@@ -104,16 +125,17 @@ def run(args: argparse.Namespace) -> int:
                 f"seed {args.seed}",
                 f"PSNR on [-1, 1] images (peak-to-peak 2), mean and worst over the images, capped at "
                 f"{PSNR_CAP_DB:g} dB; max abs = largest pixel difference (range 2)",
-                "sync must match one process up to float round-off; naive shows the seams"])
+                "sync must match one process up to float round-off; naive shows the seams",
+                "[codec]: stale calls exchange through that codec; bytes/step = max over workers, fp32 model"])
     return 0
 
 
-def save_grid(path: str, ref: torch.Tensor, outs: dict[tuple[str, float | None], torch.Tensor],
+def save_grid(path: str, ref: torch.Tensor, outs: dict[Variant, torch.Tensor],
               ids: list[int]) -> None:
     """One row per image: one process, then each mode, labelled; tiles at least 192 px."""
     from PIL import Image, ImageDraw
 
-    columns = [("one process", ref)] + [(mode_label(*m), t) for m, t in outs.items()]
+    columns = [("one process", ref)] + [(m.label, t) for m, t in outs.items()]
     size = ref.shape[-1]
     tile = size * max(1, math.ceil(192 / size))
     label_h = 16

@@ -50,16 +50,25 @@ class WindowAttention(BandLayer):
         window = call.window if call.exchange else 0.0
         parts: dict[int, torch.Tensor] = {band: kv}
         if call.exchange:
-            sends, recvs = {}, {}
+            # pcpp far context: after warm-up, rows outside the window come from what the
+            # receiver holds, a slice refreshed per call; attention then sees the whole image
+            far = call.far_refresh if window is not None else 0
+            sends, recvs, send_rows, recv_rows = {}, {}, {}, {}
             for other in range(bands.count):
-                lo, hi = bands.needed(other, band, level, window)
-                if hi > lo:
-                    sends[other] = kv[:, lo - r0: hi - r0]
-                lo, hi = bands.needed(band, other, level, window)
-                if hi > lo:
-                    recvs[other] = ((kv.shape[0], hi - lo, cols, kv.shape[3]), (lo, hi))
-            got = self.swap(sends, recvs, kv)
-            for other, (_, (lo, hi)) in recvs.items():
+                if other == band:
+                    continue
+                rows = bands.sent_rows(other, band, level, window, far, call.index)
+                if rows:
+                    sends[other], send_rows[other] = _take(kv, rows, r0), rows
+                rows = bands.sent_rows(band, other, level, window, far, call.index)
+                if rows:
+                    recvs[other] = ((kv.shape[0], len(rows), cols, kv.shape[3]), (rows[0], rows[-1] + 1))
+                    recv_rows[other] = rows
+            spans = {b: bands.rows(b, level) for b in range(bands.count)}
+            got = self.swap(sends, recvs, kv, channel_dim=-1, send_rows=send_rows, recv_rows=recv_rows,
+                            spans=spans, hold=call.far_refresh > 0)  # K/V: compressible
+            for other in recvs:
+                lo, hi = bands.needed(band, other, level, None if far else window)
                 piece = got[other]  # may hold more rows than needed (stale from a whole-image call)
                 p0 = piece.rows[0]
                 parts[other] = piece.tensor[:, lo - p0: hi - p0]
@@ -68,6 +77,13 @@ class WindowAttention(BandLayer):
         out = _attend(q, k_win, v_win, m)
         out = m.to_out[0](out)
         return m.to_out[1](out) if len(m.to_out) > 1 else out
+
+
+def _take(kv: torch.Tensor, rows: tuple[int, ...], r0: int) -> torch.Tensor:
+    """Rows `rows` (image rows, sorted) of a band's K/V [B, h, W, 2D] that starts at row r0."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return kv[:, rows[0] - r0: rows[-1] + 1 - r0]
+    return kv.index_select(1, torch.tensor(rows, device=kv.device) - r0)
 
 
 PrecisionPolicy = Callable[[nn.Module, torch.dtype], "torch.dtype | None"]

@@ -28,8 +28,9 @@ class BandLayer(nn.Module):
         call = self.call
         return call is not None and call.bands.count > 1
 
-    def swap(self, sends, recvs, like: torch.Tensor):
-        return self.exchange.swap(self.layer_name, sends, recvs, like.dtype, like.device)
+    def swap(self, sends, recvs, like: torch.Tensor, **codec):
+        """Exchange through the shared Exchange; `codec` = channel_dim/send_rows for compressible data."""
+        return self.exchange.swap(self.layer_name, sends, recvs, like.dtype, like.device, **codec)
 
     def extra_repr(self) -> str:
         return f"name={self.layer_name!r}"

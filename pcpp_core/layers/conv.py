@@ -80,7 +80,7 @@ class HaloConv(_ConvBase):
                 recvs[band - 1] = (tuple(top.shape), (0, 0))
             if band < last and below:
                 recvs[band + 1] = (tuple(bottom.shape), (0, 0))
-            got = self.swap(sends, recvs, x)
+            got = self.swap(sends, recvs, x, channel_dim=1)  # halo rows [B, C, r, W]: compressible
             top = got[band - 1].tensor if band - 1 in got else top
             bottom = got[band + 1].tensor if band + 1 in got else bottom
         return self._conv(torch.cat([top, x, bottom], dim=2))

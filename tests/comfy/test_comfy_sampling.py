@@ -84,15 +84,18 @@ def test_sync_equals_stock(comfy, unet, inputs, sampler, cfg):
     rel_close(out, ref)
 
 
-@pytest.mark.parametrize("mode", ["pcpp", "distrifusion", "naive"])
-def test_parallel_modes_run_and_report_stats(comfy, unet, inputs, mode):
-    model, hook = pcpp(comfy, unet, mode=mode, neighbour_fraction=0.3, warmup_steps=1)
+@pytest.mark.parametrize("mode, exchange, far", [("pcpp", "none", 0), ("distrifusion", "none", 0), ("naive", "none", 0),
+                                                 ("pcpp", "residual-2bit", 2)])
+def test_parallel_modes_run_and_report_stats(comfy, unet, inputs, mode, exchange, far):
+    model, hook = pcpp(comfy, unet, mode=mode, neighbour_fraction=0.3, warmup_steps=1, exchange=exchange,
+                       far_refresh=far)
     out = sample(comfy, model, inputs)
     stats = hook.last_stats
     assert set(stats) == {"mode", "fraction", "bands", "devices", "calls", "seconds_per_call", "bytes_per_call",
                           "bytes_per_call_warmup", "height", "width", "fallback", "partial", "model_bytes_sent",
-                          "weights_on"}
+                          "weights_on", "exchange", "far_refresh"}
     assert stats["mode"] == mode and stats["fraction"] == 0.3 and stats["bands"] == 2
+    assert stats["exchange"] == exchange and stats["far_refresh"] == far
     assert stats["devices"] == ["cpu", "cpu"] and stats["calls"] == STEPS and stats["fallback"] is None
     assert (stats["height"], stats["width"]) == LATENT[2:]
     sent, warmup = stats["bytes_per_call"], stats["bytes_per_call_warmup"]
@@ -217,7 +220,8 @@ def test_unsupported_family_falls_back(comfy):
 
 @pytest.mark.parametrize("field,value,named", [("neighbour_fraction", -1.0, "neighbour_fraction"),
                                                ("devices", "gpu:0", "devices"), ("mode", "fast", "mode"),
-                                               ("warmup_steps", -2, "warmup_steps")])
+                                               ("warmup_steps", -2, "warmup_steps"),
+                                               ("exchange", "zip", "exchange"), ("far_refresh", -1, "far_refresh")])
 def test_invalid_inputs_are_rejected(comfy, field, value, named):
     from pcpp_core import ConfigError
 

@@ -34,7 +34,8 @@ API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.api.json"))  # POST /prompt b
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 COMFY_HOME = Path(os.environ.get("PCPP_COMFYUI_HOME", Path(COMFYUI_PATH or ".").resolve().parent))
 RANDOM_CHECKPOINT = COMFY_HOME / "models" / "checkpoints" / "tiny_sd15_random.safetensors"
-ENGINE_INPUTS = ("devices", "neighbour_fraction", "mode", "warmup_steps", "cfg_split")
+ENGINE_INPUTS = ("devices", "neighbour_fraction", "mode", "warmup_steps", "cfg_split", "exchange", "far_refresh")
+OPTIONAL_INPUTS = ("exchange", "far_refresh")  # optional: API prompts written before it still validate
 _seed = iter(range(int(time.time()) % 100000, 10**9))  # the server caches identical prompts
 
 
@@ -174,9 +175,13 @@ def test_object_info_lists_both_nodes_with_their_inputs(object_info):
         info = object_info[node_id]
         assert info["display_name"] == display and info["category"] == "sampling/pcpp"
         required = info["input"]["required"]
-        assert set(required) == set(extra) | set(ENGINE_INPUTS)
-        for name, (_, options) in required.items():
+        optional = info["input"].get("optional", {})
+        assert set(required) == set(extra) | set(ENGINE_INPUTS) - set(OPTIONAL_INPUTS)
+        assert set(optional) == set(OPTIONAL_INPUTS)
+        for name, (_, options) in {**required, **optional}.items():
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert optional["exchange"][1]["options"] == ["none", "int8", "residual-2bit", "residual-1bit"]
+        assert (optional["far_refresh"][0], optional["far_refresh"][1]["default"]) == ("INT", 0)
         frac = required["neighbour_fraction"][1]
         assert (required["neighbour_fraction"][0], frac["default"], frac["min"], frac["max"], frac["step"]) == \
             ("FLOAT", 0.3, 0.0, 2.0, 0.05)

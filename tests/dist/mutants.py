@@ -42,13 +42,13 @@ def run(self, req, transport):
 _swap = Exchange.swap
 
 
-def swap(self, layer, sends, recvs, dtype, device):
+def swap(self, layer, sends, recvs, dtype, device, **codec):  # codec: channel_dim, rows (see Exchange.swap)
     if not _runs("frozen"):
-        return _swap(self, layer, sends, recvs, dtype, device)
+        return _swap(self, layer, sends, recvs, dtype, device, **codec)
     call = self.call
     key = (call.slot, layer, self._occurrence[layer])
     frozen = self.__dict__.setdefault("_mutant_frozen", {})
-    got = _swap(self, layer, sends, recvs, dtype, device)
+    got = _swap(self, layer, sends, recvs, dtype, device, **codec)
     if call.synchronous or key not in frozen:
         frozen[key] = got
     return frozen[key]

@@ -24,14 +24,18 @@ def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> list[dict]:
 
 def test_comm_cross_check_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     rows = run_json(capsys, ["comm", "--json", "--cases", "sd15-mini:128", "--bands", "2", "--fractions", "0.3",
-                             "--check-size", "64", "--check-bands", "2"])
+                             "--check-size", "64", "--check-bands", "2", "--compress", "residual-2bit"])
     checks = [r for r in rows if r["bench"] == "comm-check"]
     assert {r["mode"] for r in checks} == {"naive", "pcpp", "distrifusion", "sync"}
+    assert {(r["compress"], r["far_refresh"]) for r in checks if r["mode"] == "pcpp"} == \
+        {("none", 0), ("none", 4), ("residual-2bit", 0), ("residual-2bit", 4)}
     for r in checks:
         assert COMMON <= r.keys()
         assert r["match"] and r["per_rank_analytic"] == r["per_rank_measured"]
-    steady = {r["mode"]: r["bytes_measured"] for r in checks if r["call"] == "steady"}
-    assert steady["naive"] == 0 < steady["pcpp"] < steady["distrifusion"]
+    steady = {(r["mode"], r["compress"], r["far_refresh"]): r["bytes_measured"] for r in checks
+              if r["call"] == "steady"}
+    assert steady[("naive", "none", 0)] == 0 < steady[("pcpp", "none", 0)] < steady[("distrifusion", "none", 0)]
+    assert steady[("pcpp", "residual-2bit", 0)] < steady[("pcpp", "none", 0)] / 8
 
 
 def test_speed_smoke(capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,8 +55,9 @@ def test_speed_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 def test_quality_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = run_json(capsys, ["quality", "--json", "--sizes", "64", "--bands", "2", "--steps", "3", "--warmup", "1",
                              "--modes", "sync,pcpp", "--fractions", "0.3", "--ids", "0",
-                             "--images", str(tmp_path)])
-    by = {r["mode"]: r for r in rows}
+                             "--images", str(tmp_path), "--compress", "residual-1bit", "--far-refresh", ""])
+    assert [(r["mode"], r["compress"]) for r in rows] == [("sync", "none"), ("pcpp", "none"), ("pcpp", "residual-1bit")]
+    by = {r["mode"]: r for r in rows if r["compress"] == "none"}
     for r in rows:
         assert COMMON | {"psnr_db", "max_abs"} <= r.keys()
     assert by["sync"]["max_abs"] < 1e-3 and by["sync"]["psnr_db"] > 60  # exact up to round-off

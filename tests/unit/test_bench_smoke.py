@@ -32,15 +32,25 @@ def test_comm_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         assert COMMON | {"bytes_per_step", "ratio_vs_distrifusion"} <= r.keys()
         assert r["bench"] == "comm" and r["height"] == r["width"] == 256
     for case in {(r["model"], r["bands"]) for r in rows}:
-        by = {(r["mode"], r["fraction"]): r for r in rows if (r["model"], r["bands"]) == case}
+        by = {(r["mode"], r["fraction"]): r for r in rows if (r["model"], r["bands"]) == case
+              and r["compress"] == "none" and not r["far_refresh"]}
+        coded = {(r["mode"], r["compress"], r["far_refresh"]): r["bytes_per_step"] for r in rows
+                 if (r["model"], r["bands"]) == case and r["fraction"] in (None, 0.3)}
+        # every codec's row for pcpp f=0.3 and distrifusion, each smaller than uncompressed
+        assert coded[("pcpp", "residual-1bit", 0)] < coded[("pcpp", "residual-2bit", 0)] < \
+            coded[("pcpp", "int8", 0)] < coded[("pcpp", "none", 0)]
+        assert coded[("distrifusion", "residual-2bit", 0)] < coded[("distrifusion", "none", 0)]
+        assert coded[("pcpp", "none", 0)] < coded[("pcpp", "none", 4)] < coded[("distrifusion", "none", 0)]
         distri = by[("distrifusion", None)]["bytes_per_step"]
         assert by[("naive", None)]["bytes_per_step"] == 0
         assert 0 < by[("pcpp", 0.3)]["bytes_per_step"] < distri
         assert by[("pcpp", 0.3)]["bytes_per_step"] <= by[("pcpp", 1.0)]["bytes_per_step"] <= distri
         assert by[("distrifusion", None)]["ratio_vs_distrifusion"] == 1.0
-    with_2 = {r["mode"]: r for r in rows if (r["model"], r["bands"], r["fraction"]) == ("sd15-mini", 2, 1.0)}
+    with_2 = {r["mode"]: r for r in rows if (r["model"], r["bands"], r["fraction"]) == ("sd15-mini", 2, 1.0)
+              and r["compress"] == "none"}
     assert with_2["pcpp"]["bytes_per_step"] == next(  # f=1 with 2 bands sees the whole image
-        r["bytes_per_step"] for r in rows if (r["model"], r["bands"], r["mode"]) == ("sd15-mini", 2, "distrifusion"))
+        r["bytes_per_step"] for r in rows if (r["model"], r["bands"], r["mode"], r["compress"]) ==
+        ("sd15-mini", 2, "distrifusion", "none"))
 
 
 def test_comm_table_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
