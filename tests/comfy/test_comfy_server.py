@@ -405,7 +405,7 @@ def test_more_cpu_workers_than_cores_is_refused_before_any_worker_starts(server)
     from pcpp_core.limits import usable_cores
 
     cores = usable_cores(os.sched_getaffinity(server.proc.pid))
-    graph = json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text())
+    graph = json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text())
     before = _children(server.proc.pid)
     errors = _refusal(server, small(graph, devices=f"cpu:{cores + 1}"))
     assert [e["extra_info"]["input_name"] for e in errors] == ["devices"]
@@ -435,7 +435,7 @@ def raised_server(tmp_path_factory):
 def test_pcpp_max_workers_raises_the_ceiling_for_the_server_it_started(raised_server):
     server = raised_server
     n = len(os.sched_getaffinity(server.proc.pid)) + 1  # the refused count on a server without the variable
-    graph = small(json.loads((WORKFLOWS / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=f"cpu:{n}")
+    graph = small(json.loads((WORKFLOWS / "api" / "sd15_txt2img_pcpp_ksampler.api.json").read_text()), devices=f"cpu:{n}")
     entry = server.run(graph)  # 128 px: 16 latent rows, enough for 3 bands (the model does not downsample)
     assert entry["status"]["status_str"] == "success", f"{why(entry)}\n{server.tail()}"
     [stats] = outputs_of(server, entry)[1]
