@@ -41,6 +41,12 @@ async function dragNumber(page, id, name, px) {
     const box = await vueRow(page, id, name).locator(".cursor-ew-resize").boundingBox();
     at = { x: box.x + box.width / 2, y: box.y + box.height / 2 };
   } else {
+    // widget rows move when the node grows (its diagram, new stats lines): read them after the
+    // canvas has drawn the current layout, as what a user aims at is what is on screen
+    await page.evaluate(() => new Promise((ok) => {
+      window.app.canvas.setDirty(true, true);
+      requestAnimationFrame(() => requestAnimationFrame(ok));
+    }));
     at = await page.evaluate(({ id, name }) => {
       const { app } = window;
       const node = app.graph.getNodeById(id);
