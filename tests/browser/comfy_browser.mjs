@@ -37,6 +37,13 @@ export async function missing() {
   return null;
 }
 
+/** The installed comfyui-frontend-package as [major, minor, patch], or null. */
+export function frontendVersion() {
+  const probe = spawnSync(PYTHON, ["-c", "import importlib.metadata as m; print(m.version('comfyui-frontend-package'))"],
+    { encoding: "utf8" });
+  return probe.status === 0 ? probe.stdout.trim().split(".").map(Number) : null;
+}
+
 const freePort = () => new Promise((ok, fail) => {
   const s = createServer().listen(0, "127.0.0.1", () => {
     const { port } = s.address();

@@ -12,7 +12,7 @@ import assert from "node:assert/strict";
 import { mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { CHROMIUM, CHROMIUM_ARGS, ROOT, missing, startComfy } from "./comfy_browser.mjs";
+import { CHROMIUM, CHROMIUM_ARGS, ROOT, frontendVersion, missing, startComfy } from "./comfy_browser.mjs";
 
 const PACK_NAME = "ComfyUI-PCPP"; // the folder startComfy links the pack as: the template module's name
 const SHOTS = process.env.PCPP_SCREENSHOT_DIR ?? join(ROOT, "docs/img");
@@ -25,6 +25,12 @@ const WORKFLOWS = process.env.PCPP_WORKFLOW ? [process.env.PCPP_WORKFLOW] : UI_W
 const IGNORED = /\/templates\/index[.\w]*\.json|^https?:\/\/(?!127\.0\.0\.1)|\/docs\/PCPP\w+\/[\w-]+\.md$/;
 
 const reason = await missing();
+// The template browser's cards, the node library's Info panel and search aliases are what the main
+// target's front end (1.49.6, ComfyUI 0.33.0) offers; v0.8.0's 1.35.9 has no Info panel and ranks search
+// without aliases, so those checks run from 1.49 on (the template listing API is checked on both).
+const version = reason ? null : frontendVersion();
+const NEW_FRONTEND = version !== null && (version[0] > 1 || (version[0] === 1 && version[1] >= 49));
+const newFrontendOnly = NEW_FRONTEND ? false : `front end ${version?.join(".") ?? "unknown"}: the template browser, Info panel and search alias checks need >= 1.49`;
 
 /** In the page: every node's rectangle (title bar included) and every diagram's fit, in graph units. */
 function measure() {
@@ -118,14 +124,16 @@ describe("search, help pages and the shipped workflows in ComfyUI's front end", 
     assert.deepEqual([...listing[PACK_NAME]].sort(), UI_WORKFLOWS);
   });
 
-  test("the node search finds both nodes by what users type", async () => {
+  test("the node search finds both nodes by what users type", { skip: newFrontendOnly }, async () => {
     for (const query of ["multi-GPU", "parallel", "patch parallel", "DistriFusion"]) {
       await page.evaluate(() => window.app.extensionManager.command.execute("Workspace.SearchBox.Toggle"));
       const box = page.locator("input:focus");
       await box.waitFor();
       await box.fill(query);
       // the first two results, by display name
-      await page.waitForFunction(() => document.querySelectorAll('[role="option"]').length >= 2, null, { timeout: 10_000 });
+      // the list updates after the box's debounce: wait for this query's results, not the last ones
+      await page.waitForFunction(() => [...document.querySelectorAll('[role="option"]')]
+        .filter((e) => e.innerText.startsWith("PCPP")).length >= 2, null, { timeout: 10_000 }).catch(() => {});
       const top = await page.evaluate(() => [...document.querySelectorAll('[role="option"]')].slice(0, 2)
         .map((e) => e.innerText.split("\n")[0].trim()).sort());
       assert.deepEqual(top, ["PCPP KSampler (multi-GPU)", "PCPP Parallel Model (multi-GPU)"], `searching "${query}"`);
@@ -133,7 +141,7 @@ describe("search, help pages and the shipped workflows in ComfyUI's front end", 
     }
   });
 
-  test("each node's help page opens in the node's Info panel, with its picture", async () => {
+  test("each node's help page opens in the node's Info panel, with its picture", { skip: newFrontendOnly }, async () => {
     problems.length = 0; // from here on: what opening the help does
     for (const type of ["PCPPKSampler", "PCPPParallelModel"]) {
       const at = await page.evaluate((type) => {
@@ -165,7 +173,7 @@ describe("search, help pages and the shipped workflows in ComfyUI's front end", 
   });
 
   for (const name of WORKFLOWS) {
-    test(`${name}: opens from the template browser, nothing overlaps, the diagrams fit`, { timeout: 180_000 }, async (t) => {
+    test(`${name}: opens from the template browser, nothing overlaps, the diagrams fit`, { timeout: 180_000, skip: newFrontendOnly }, async (t) => {
       problems.length = 0;
       await page.evaluate(() => window.app.graph.clear());
       // the template browser, as a user opens it: the dialog, then the pack's card
