@@ -283,3 +283,32 @@ def test_perturbed_attention_guidance_runs_stale_in_pcpp_mode(comfy, unet, input
     assert stats["fallback"] is None and stats["calls"] == 2 * 3
     assert 0 < stats["bytes_per_call"] < stats["bytes_per_call_warmup"]  # steps 2 and 3: window rows only
     assert torch.isfinite(out).all()
+
+
+def test_self_attention_guidance_runs_plain_and_says_why(comfy, unet, inputs):  # noqa: F811
+    """SAG records attention maps through an attn1 replacement (a closure): plain sampling, the reason on the node."""
+    from comfy_extras.nodes_sag import SelfAttentionGuidance
+
+    model = SelfAttentionGuidance.execute(unet, 0.5, 2.0).result[0]
+    ref = sample(comfy, model, inputs)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # SAG matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert "only PerturbedAttentionGuidance's runs on bands" in hook.last_stats["fallback"]
+    assert "attn_and_record" in hook.last_stats["fallback"]
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("case", ["euler_cfg_pp", "RescaleCFG"])
+def test_guidance_functions_sync_equal_stock(comfy, unet, inputs, case):  # noqa: F811
+    """A CFG++ sampler and a post-CFG function run on the host around the model calls, which stay parallel."""
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    model, sampler = (unet, "euler_cfg_pp") if case == "euler_cfg_pp" else (RescaleCFG().patch(unet, 0.7)[0], "euler")
+    ref = sample(comfy, model, inputs, sampler=sampler)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the guidance matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs, sampler=sampler)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["partial"] is None and stats["calls"] == 3
+    rel_close(out, ref)
