@@ -312,3 +312,24 @@ def test_guidance_functions_sync_equal_stock(comfy, unet, inputs, case):  # noqa
     stats = hook.last_stats
     assert stats["fallback"] is None and stats["partial"] is None and stats["calls"] == 3
     rel_close(out, ref)
+
+
+def test_post_cfg_function_that_calls_the_model_again_sync_equals_stock(comfy, unet, inputs):  # noqa: F811
+    """A post-CFG function with its own model call (SAG's kind, without its attention recording): the extra
+    call is its own call slot and runs in the workers too."""
+    from comfy.samplers import calc_cond_batch
+
+    def again(args):
+        (extra,) = calc_cond_batch(args["model"], [args["uncond"]], args["input"] * 0.9, args["sigma"],
+                                   args["model_options"])
+        return args["denoised"] + 0.5 * (args["uncond_denoised"] - extra)
+
+    model = unet.clone()
+    model.set_model_sampler_post_cfg_function(again, disable_cfg1_optimization=True)
+    ref = sample(comfy, model, inputs)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the extra call matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["partial"] is None and stats["calls"] == 2 * 3
+    rel_close(out, ref)
