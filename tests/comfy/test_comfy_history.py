@@ -32,8 +32,9 @@ def prompt(seed: int, steps: int = 3, freeu: bool = False) -> dict:
     if freeu:
         g["11"] = {"class_type": "FreeU_V2", "inputs": {"model": model, "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}
         model = ["11", 0]
-    g[PM] = {"class_type": "PCPPParallelModel", "inputs": {"model": model, "devices": "cpu:2", "neighbour_fraction": 0.3,
-                                                           "mode": "sync", "warmup_steps": 4, "cfg_split": False}}
+    g[PM] = {"class_type": "PCPPParallelModel", "inputs": {"model": model, "devices": "cpu:2", "mode": "sync",
+                                                           "neighbour_fraction": 0.3, "warmup_steps": 4,
+                                                           "cfg_split": False}}
     return g
 
 
