@@ -311,7 +311,7 @@ def current_prompt_id() -> str | None:
 
 
 def publish(hook: PCPPHook) -> None:
-    """Send the run's stats to the front end and into /history for a node that has no output of its own after the run.
+    """The run's stats to the front end, and into /history for a node that has no output after the run.
 
     PCPP Parallel Model runs before the sampler: the event (keyed by the node's id) lets the canvas
     show them, fallback included, and the UI dict the node returned in this same prompt is filled in
