@@ -11,6 +11,11 @@ as base + patches for the engine (pcpp_core.weights.WeightSource):
               merges, strengths), pickled with every tensor on the CPU; named by the
               ModelPatcher's patches_uuid
 
+    module_attrs  the staged copy without ComfyUI's lowvram weight functions: a partially loaded
+              model keeps some weights unpatched and patches them on every forward
+              (LowVramPatch in `weight_function`), which the patches above already describe; any
+              other weight function is refused (ConfigError), the run falls back visibly
+
 Worker side: `apply_patches` (named by the WeightSource as "nodes.delivery:apply_patches" and
 imported inside each worker, after worker_boot) computes each patched weight with ComfyUI's own
 code, the same steps as ModelPatcher.patch_weight_to_device, on the worker's own device.
@@ -43,13 +48,18 @@ def weight_source(patcher: Any) -> WeightSource | None:
     base = getattr(patcher, "model", None)
     if base is None:
         return None
+    lowvram = lowvram_attrs(base.diffusion_model) if hasattr(base, "diffusion_model") else {}
+    whole = None
     if getattr(patcher, "hook_patches", None) or getattr(patcher, "current_hooks", None) is not None:
-        log.info("PCPP: the model has hook patches; the workers get the whole patched model on each change")
-        return None
+        whole = "the model has hook patches"
     patches = {k[len(PREFIX):]: v for k, v in getattr(patcher, "patches", {}).items() if k.startswith(PREFIX) and v}
-    if patches and _has_custom_setters(base, patches):
-        log.info("PCPP: weights stored through set_/convert_ functions (quantized ops); the workers get the whole "
-                 "patched model on each change")
+    if whole is None and patches and _has_custom_setters(base, patches):
+        whole = "weights stored through set_/convert_ functions (quantized ops)"
+    if whole is not None:
+        if lowvram:
+            raise ConfigError(f"{whole} and it is partially loaded (lowvram): the workers can get neither its patched "
+                              "weights nor base + patches; load it fully (more free VRAM, or --highvram)")
+        log.info("PCPP: %s; the workers get the whole patched model on each change", whole)
         return None
     token = base.__dict__.get(_TOKEN)
     if token is None:  # one per loaded checkpoint: ComfyUI changes its weights only through patches
@@ -60,9 +70,34 @@ def weight_source(patcher: Any) -> WeightSource | None:
         return {k[len(PREFIX):]: b.weight for k, b in list(backup.items()) if k.startswith(PREFIX)}
 
     if not patches:
-        return WeightSource(base_key=token, base_tensors=base_tensors)
+        return WeightSource(base_key=token, base_tensors=base_tensors, module_attrs=lambda: lowvram)
     return WeightSource(base_key=token, base_tensors=base_tensors, patches_key=str(patcher.patches_uuid),
-                        patches=lambda: pack_patches(patches), applier=APPLIER)
+                        patches=lambda: pack_patches(patches), applier=APPLIER, module_attrs=lambda: lowvram)
+
+
+def lowvram_attrs(diffusion_model: Any) -> dict[str, list]:
+    """"module.weight_function" -> the list without ComfyUI's LowVramPatch entries, for every module
+    a partial (lowvram) load gave one; ConfigError naming any other kind of weight function.
+
+    A LowVramPatch computes `ModelPatcher.patches[key]` on the unpatched weight at each forward:
+    the workers apply those patches to their own full copy (apply_patches), so they must not get
+    it. The host's modules keep theirs: calls that run on the host stay ComfyUI's own.
+    """
+    import comfy.model_patcher
+
+    lowvram = comfy.model_patcher.LowVramPatch
+    attrs: dict[str, list] = {}
+    for name, m in diffusion_model.named_modules():
+        for attr in ("weight_function", "bias_function"):
+            funcs = getattr(m, attr, None) or []
+            other = [f for f in funcs if not isinstance(f, lowvram)]
+            if other:
+                kinds = ", ".join(sorted({getattr(f, "__qualname__", None) or type(f).__qualname__ for f in other}))
+                raise ConfigError(f"{name}: its weights are changed on the fly by {kinds} ({attr}, e.g. a weight "
+                                  "wrapper); the workers cannot run that: remove the node that adds it")
+            if funcs:
+                attrs[f"{name}.{attr}"] = other
+    return attrs
 
 
 def _has_custom_setters(base: Any, patches: Mapping[str, Any]) -> bool:

@@ -134,6 +134,9 @@ class PCPPHook:
         self.settings = settings
         self.node_id = node_id  # PCPP Parallel Model's id: its stats go to the front end as a message
         self.last_stats: dict[str, Any] | None = None
+        # (prompt id, the dict PCPP Parallel Model returned as its UI stats): ComfyUI's /history entry
+        # of that prompt holds this very dict, so a run of the same prompt fills it in place (publish)
+        self.ui_stats: tuple[str | None, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -297,13 +300,28 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
 STATS_EVENT = "pcpp.stats"  # websocket event: {"node": id, "stats": {...}} for PCPP Parallel Model
 
 
-def publish(hook: PCPPHook) -> None:
-    """Send the run's stats to the front end for a node that has no output of its own after the run.
+def current_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI is executing now (its executing-node context), or None (a script)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return context.prompt_id if context is not None else None
 
-    PCPP Parallel Model runs before the sampler, so its UI output cannot carry them; the event
-    (keyed by the node's id) lets the canvas show them, fallback included. No server (a script
-    using ComfyUI as a library): the log line above is all there is.
+
+def publish(hook: PCPPHook) -> None:
+    """The run's stats to the front end, and into /history for a node that has no output after the run.
+
+    PCPP Parallel Model runs before the sampler: the event (keyed by the node's id) lets the canvas
+    show them, fallback included, and the UI dict the node returned in this same prompt is filled in
+    place, which is the dict ComfyUI's /history entry of the prompt holds. A dict of another prompt is
+    never touched (the node re-runs when its prompt changes: PCPPParallelModel.fingerprint_inputs).
+    No server (a script using ComfyUI as a library): the log line above is all there is.
     """
+    if hook.ui_stats is not None and hook.ui_stats[0] == current_prompt_id():
+        hook.ui_stats[1].clear()
+        hook.ui_stats[1].update(hook.last_stats or {})
     if hook.node_id is None:
         return
     try:

@@ -1,6 +1,8 @@
 """The V3 nodes: PCPP KSampler and PCPP Parallel Model (ids and inputs are a fixed contract)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from comfy_api.latest import ComfyExtension, io
 from pcpp_core import ConfigError
 from pcpp_core.codecs import codec_names
 
-from .hook import MAX_FRACTION, MODES, PCPPSettings, apply_pcpp, remove_pcpp, resolve_devices
+from .hook import MAX_FRACTION, MODES, PCPPSettings, apply_pcpp, current_prompt_id, remove_pcpp, resolve_devices
 
 CATEGORY = "sampling/pcpp"
 # what users type into the node search (front end: name, display_name, search_aliases)
@@ -172,11 +174,35 @@ class PCPPParallelModel(io.ComfyNode):
         return check_devices(devices)
 
     @classmethod
+    def fingerprint_inputs(cls, **kwargs: Any) -> str | float:
+        """The prompt's graph: the node runs again whenever the prompt changed, so the stats in each
+        prompt's /history entry are its own run's; an unchanged prompt stays cached."""
+        return prompt_fingerprint()
+
+    @classmethod
     def execute(cls, model, devices, neighbour_fraction, mode, warmup_steps, cfg_split,
                 exchange="none", far_refresh=0) -> io.NodeOutput:
         settings = settings_from(devices, neighbour_fraction, mode, warmup_steps, cfg_split, exchange, far_refresh)
         node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
-        return io.NodeOutput(remove_pcpp(model) if settings.off else apply_pcpp(model, settings, node_id)[0])
+        if settings.off:
+            return io.NodeOutput(remove_pcpp(model))
+        parallel, hook = apply_pcpp(model, settings, node_id)
+        stats: dict[str, Any] = {}  # empty until a sampler runs this model in this prompt (hook.publish)
+        hook.ui_stats = (current_prompt_id(), stats)
+        return io.NodeOutput(parallel, ui={"pcpp_stats": [stats]})
+
+
+def prompt_fingerprint() -> str | float:
+    """A hash of the graph of the prompt ComfyUI is preparing (its progress registry holds it while
+    cache keys are computed), or NaN, which never equals itself: run again."""
+    try:
+        from comfy_execution.progress import get_progress_state
+
+        prompt = get_progress_state().dynprompt.original_prompt
+        graph = {k: [v.get("class_type"), v.get("inputs")] for k, v in prompt.items()}  # not ComfyUI's is_changed
+        return hashlib.sha1(json.dumps(graph, sort_keys=True, default=str).encode()).hexdigest()
+    except Exception:  # noqa: BLE001 (an older or newer ComfyUI without it: always run again, never stale stats)
+        return float("nan")
 
 
 class PCPPExtension(ComfyExtension):

@@ -20,11 +20,11 @@ from torch import nn
 from .config import PatchConfig, PoolConfig
 from .errors import BandSizeError, ConfigError, WorkerError
 from .geometry import Bands
-from .plans import find_plan
+from .plans import check_weight_functions, find_plan
 from .pool import WorkerPool
 from .runner import CallRequest, CallStats, map_tensors
 from .staging import make_private_dir, remove_dir, staging_root
-from .weights import WeightSource, stage_model
+from .weights import WeightSource, stage_model, swapped_attrs
 
 log = logging.getLogger("pcpp.engine")
 
@@ -191,19 +191,22 @@ class Engine:
             version = hashlib.sha1(f"{id(model)}:{type(model).__qualname__}:{weights.base_key!r}".encode()).hexdigest()
         if version != self._version or not self.pool.started:
             plan = find_plan(model)  # refuse unsupported models before any work, even a pool start
+            attrs = weights.module_attrs() if weights is not None else {}
+            with swapped_attrs(model, attrs):
+                check_weight_functions(model)  # as the workers would get it
             self.start()
-            self._send_base(model, version, weights.base_tensors() if weights is not None else {},
+            self._send_base(model, version, weights.base_tensors() if weights is not None else {}, attrs,
                             f"{plan.family}, {'new model' if self._version is None else 'new base model'}")
         patches_key = weights.patches_key if weights is not None else None
         if patches_key != self._patches_key:
             self._send_patches(weights if patches_key is not None else None)
 
-    def _send_base(self, model: nn.Module, version: str, base: dict, why: str) -> None:
+    def _send_base(self, model: nn.Module, version: str, base: dict, attrs: dict, why: str) -> None:
         """Stage the (unpatched) model as a file in the staging dir; every worker maps it."""
         t0 = time.perf_counter()
         stage = make_private_dir(staging_root(self.pool_config.staging_dir), "stage")
         try:
-            path, nbytes = stage_model(model, base, stage, f"model-{version[:12]}.pt")
+            path, nbytes = stage_model(model, base, stage, f"model-{version[:12]}.pt", attrs)
             replies = self._request({r: ("load", {"path": path, "version": version}) for r in range(self.pool.size)},
                                     timeout=max(self.pool_config.call_timeout_s, 600))
         finally:

@@ -138,12 +138,24 @@ def _check_supported(model: nn.Module, plan: ModelPlan) -> None:
             raise UnsupportedModelError(f"{plan.family}: {name} ({type(m).__name__}) is a video block")
         if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1:
             check_conv(m, name)
-        for attr in ("weight_function", "bias_function"):  # ComfyUI's on-the-fly (lowvram) patches
-            # the band layers would run them (they call each module's own forward), but the workers
-            # also apply the weight patches themselves (weights.PatchedWeights): twice would be wrong
-            if getattr(m, attr, None):
-                raise UnsupportedModelError(f"{name}: weights are patched on the fly ({attr}, ComfyUI's lowvram "
-                                            "mode); load the model fully (more VRAM, or --normalvram)")
+
+
+def check_weight_functions(model: nn.Module) -> None:
+    """Refuse a model whose modules would carry weight functions into the workers.
+
+    ComfyUI keeps functions that change a weight on every forward in `weight_function` /
+    `bias_function`. The workers apply weight patches themselves (weights.PatchedWeights), so the
+    host adapter strips the ones its patches describe (lowvram patches) from the staged copy
+    (WeightSource.module_attrs); any other kind is unknown here, and running it, or not, could
+    be wrong: refused, with the module and the function named.
+    """
+    for name, m in model.named_modules():
+        for attr in ("weight_function", "bias_function"):
+            funcs = getattr(m, attr, None)
+            if funcs:
+                kinds = ", ".join(sorted({getattr(f, "__qualname__", None) or type(f).__qualname__ for f in funcs}))
+                raise UnsupportedModelError(f"{name}: its weights are changed on the fly by {kinds} ({attr}); the "
+                                            "workers cannot run that: remove the node that adds it")
 
 
 def _targets(model: nn.Module, plan: ModelPlan) -> dict[str, type]:

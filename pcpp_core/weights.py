@@ -5,7 +5,9 @@ weights it samples with. `base_key` names the unpatched weights (a new key sends
 again); `base_tensors` gives the unpatched value of every weight the host has patched in place;
 `patches_key` names the current patch set, and `patches()` describes it as opaque bytes that the
 function `applier` ("module:function", importable in the workers) turns into new weight values.
-A patch change therefore sends the patch description, never the model.
+A patch change therefore sends the patch description, never the model. `module_attrs()` names
+module attributes the staged copy gets instead of the host's: host-side machinery the patches
+already describe (ComfyUI's lowvram weight functions), which a worker must not apply a second time.
 
 Worker side: `PatchedWeights` keeps the worker's base copy exact. Applying a patch set first
 restores the backups of the weights the previous set changed (copies of the base values, like
@@ -40,6 +42,7 @@ class WeightSource:
     patches_key: Hashable = None  # None: no weight patches
     patches: Callable[[], bytes] | None = None  # the patch description the applier reads
     applier: str = ""  # "module:function" in the workers: fn(weights, data) -> {name: new value}
+    module_attrs: Callable[[], Mapping[str, object]] = dict  # "module.name.attr" -> value in the staged copy
 
 
 def tensor_bytes(model: nn.Module) -> int:
@@ -70,8 +73,33 @@ def swapped(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[No
             table[leaf] = old
 
 
-def stage_model(model: nn.Module, base: Mapping[str, torch.Tensor], directory: str, name: str) -> tuple[str, int]:
-    """`torch.save` the model with `base` values swapped in; returns (path, file bytes).
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def swapped_attrs(model: nn.Module, values: Mapping[str, object]) -> Iterator[None]:
+    """`model` with these module attributes ("module.name.attr") set for the duration, then put back
+    as they were (an attribute the module did not hold itself is removed again)."""
+    saved = []
+    try:
+        for name, value in values.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            saved.append((owner, attr, owner.__dict__.get(attr, _ABSENT)))
+            setattr(owner, attr, value)
+        yield
+    finally:
+        for owner, attr, old in reversed(saved):
+            if old is _ABSENT:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, old)
+
+
+def stage_model(model: nn.Module, base: Mapping[str, torch.Tensor], directory: str, name: str,
+                attrs: Mapping[str, object] | None = None) -> tuple[str, int]:
+    """`torch.save` the model with `base` values and `attrs` (see swapped_attrs) swapped in; returns
+    (path, file bytes).
 
     Free space is checked first (the weights plus 5% and 16 MB for pickled structure), and a
     failed write is a StagingError naming the directory, never torch's bare "unexpected pos".
@@ -80,7 +108,7 @@ def stage_model(model: nn.Module, base: Mapping[str, torch.Tensor], directory: s
     check_space(directory, needed)
     path = os.path.join(directory, name)
     try:
-        with swapped(model, base):
+        with swapped(model, base), swapped_attrs(model, attrs or {}):
             torch.save(model, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):

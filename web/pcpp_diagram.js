@@ -161,7 +161,7 @@ export function formatPercent(r) {
 
 /** The lines the node shows after a run, from the `pcpp_stats` UI output. */
 export function statsLines(s) {
-  if (!s || typeof s !== "object") return [];
+  if (!s || typeof s !== "object" || !s.mode) return []; // {}: PCPP Parallel Model before its sampler ran
   const devices = Array.isArray(s.devices) ? s.devices : [];
   const fr = s.mode === "pcpp" ? ` f=${s.fraction}` : "";
   const lines = [

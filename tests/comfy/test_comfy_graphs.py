@@ -37,6 +37,88 @@ def test_manual_cast_weights_sync_equals_stock(comfy, unet, inputs, weight_dtype
     assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the cast weights do change the image
 
 
+@pytest.fixture
+def partial_load(comfy, monkeypatch):
+    """Every model load in the test is partial, a third of the model on the device: what ComfyUI does on a
+    GPU without room for the whole model (on the CPU it always loads fully, so the budget is forced).
+    The same third each time (ComfyUI adds the extra memory to what is loaded already)."""
+    loaded = comfy.model_management.LoadedModel
+    original = loaded.model_load
+
+    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
+        budget = self.model.model_size() // 3
+        return original(self, max(1, budget - self.model.model.model_loaded_weight_memory), force_patch_weights)
+
+    monkeypatch.setattr(loaded, "model_load", model_load)
+
+
+def _with_lora(comfy, patcher, seed: int = 8):
+    """A rank-4 LoRA on every weight of the UNet, loaded by ComfyUI's own LoRA code (as LoraLoader does)."""
+    import comfy.lora as lora
+
+    g = torch.Generator().manual_seed(seed)
+    keys, state = lora.model_lora_keys_unet(patcher.model, {}), patcher.model.state_dict()
+    sd = {}
+    for name, key in keys.items():
+        shape = state[key].shape if key in state else ()
+        if name.startswith("lora_unet_") and len(shape) >= 2:
+            tail = [1] * (len(shape) - 2)
+            sd[f"{name}.lora_up.weight"] = torch.randn([shape[0], 4, *tail], generator=g) * 0.3
+            sd[f"{name}.lora_down.weight"] = torch.randn([4, shape[1], *shape[2:]], generator=g) * 0.3
+    patched = patcher.clone()
+    patched.add_patches(lora.load_lora(sd, keys), 1.0)
+    return patched
+
+
+def _lowvram_functions(patcher) -> list[str]:
+    low = patcher.model.diffusion_model
+    return [n for n, m in low.named_modules()
+            if any(type(f).__name__ == "LowVramPatch" for f in getattr(m, "weight_function", None) or [])]
+
+
+def test_partially_loaded_model_with_a_lora_sync_equals_stock(comfy, unet, inputs, partial_load):  # noqa: F811
+    """lowvram: ComfyUI patches some weights in place and the rest on every forward (LowVramPatch); the
+    workers get the base weights and the LoRA and patch their own full copy, never twice."""
+    model = _with_lora(comfy, _same_weights(comfy, unet, torch.float32, None))
+    ref = sample(comfy, model, inputs)
+    assert _lowvram_functions(model) and model.backup, "a partial load: some weights patched on the fly, some in place"
+    assert model.model.model_lowvram
+    assert (ref - sample(comfy, _same_weights(comfy, unet, torch.float32, None), inputs)).abs().max() > 1e-2
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert hook.last_stats["fallback"] is None and hook.last_stats["partial"] is None
+    assert _lowvram_functions(model)  # the host keeps its own (its calls stay ComfyUI's); the workers got none
+    rel_close(out, ref)
+
+
+def test_partially_loaded_model_falls_back_whole_on_the_host_correctly(comfy, unet, inputs, partial_load):  # noqa: F811
+    """The host path with lowvram weight functions: a FreeU run falls back, and equals stock."""
+    from comfy_extras.nodes_freelunch import FreeU_V2
+
+    model = FreeU_V2.execute(_with_lora(comfy, _same_weights(comfy, unet, torch.float32, None)),
+                             1.3, 1.4, 0.9, 0.2).result[0]
+    ref = sample(comfy, model, inputs)
+    assert _lowvram_functions(model)
+    out = sample(comfy, pcpp(comfy, model, mode="sync")[0], inputs)
+    assert torch.equal(out, ref)
+
+
+def test_unknown_weight_functions_fall_back_visibly(comfy, unet, inputs):  # noqa: F811
+    """A weight wrapper (a weight function that is not a lowvram patch) is not run in the workers: named."""
+    model = _same_weights(comfy, unet, torch.float32, None)
+    model.add_weight_wrapper("diffusion_model.out.2.weight", _half)
+    ref = sample(comfy, model, inputs)
+    assert model.model.diffusion_model.out[2].weight_function == [_half]
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert "out.2: its weights are changed on the fly by _half" in hook.last_stats["fallback"]
+    assert torch.equal(out, ref)
+
+
+def _half(weight: torch.Tensor) -> torch.Tensor:
+    return weight * 0.5
+
+
 def _with_area(inputs, width: int, height: int, x: int, y: int):  # noqa: F811
     """ConditioningSetArea on a second prompt, then ConditioningCombine with the first (pixels, as the nodes take)."""
     import node_helpers
@@ -201,3 +283,53 @@ def test_perturbed_attention_guidance_runs_stale_in_pcpp_mode(comfy, unet, input
     assert stats["fallback"] is None and stats["calls"] == 2 * 3
     assert 0 < stats["bytes_per_call"] < stats["bytes_per_call_warmup"]  # steps 2 and 3: window rows only
     assert torch.isfinite(out).all()
+
+
+def test_self_attention_guidance_runs_plain_and_says_why(comfy, unet, inputs):  # noqa: F811
+    """SAG records attention maps through an attn1 replacement (a closure): plain sampling, the reason on the node."""
+    from comfy_extras.nodes_sag import SelfAttentionGuidance
+
+    model = SelfAttentionGuidance.execute(unet, 0.5, 2.0).result[0]
+    ref = sample(comfy, model, inputs)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # SAG matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    assert "only PerturbedAttentionGuidance's runs on bands" in hook.last_stats["fallback"]
+    assert "attn_and_record" in hook.last_stats["fallback"]
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("case", ["euler_cfg_pp", "RescaleCFG"])
+def test_guidance_functions_sync_equal_stock(comfy, unet, inputs, case):  # noqa: F811
+    """A CFG++ sampler and a post-CFG function run on the host around the model calls, which stay parallel."""
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    model, sampler = (unet, "euler_cfg_pp") if case == "euler_cfg_pp" else (RescaleCFG().patch(unet, 0.7)[0], "euler")
+    ref = sample(comfy, model, inputs, sampler=sampler)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the guidance matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs, sampler=sampler)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["partial"] is None and stats["calls"] == 3
+    rel_close(out, ref)
+
+
+def test_post_cfg_function_that_calls_the_model_again_sync_equals_stock(comfy, unet, inputs):  # noqa: F811
+    """A post-CFG function with its own model call (SAG's kind, without its attention recording): the extra
+    call is its own call slot and runs in the workers too."""
+    from comfy.samplers import calc_cond_batch
+
+    def again(args):
+        (extra,) = calc_cond_batch(args["model"], [args["uncond"]], args["input"] * 0.9, args["sigma"],
+                                   args["model_options"])
+        return args["denoised"] + 0.5 * (args["uncond_denoised"] - extra)
+
+    model = unet.clone()
+    model.set_model_sampler_post_cfg_function(again, disable_cfg1_optimization=True)
+    ref = sample(comfy, model, inputs)
+    assert (ref - sample(comfy, unet, inputs)).abs().max() > 1e-3  # the extra call matters
+    parallel, hook = pcpp(comfy, model, mode="sync")
+    out = sample(comfy, parallel, inputs)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["partial"] is None and stats["calls"] == 2 * 3
+    rel_close(out, ref)

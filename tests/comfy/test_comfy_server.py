@@ -237,11 +237,10 @@ def test_api_workflow_runs_in_parallel(server, path):
     assert entry["status"]["status_str"] == "success", f"{why(entry)}\n{server.tail()}"
     files, stats = outputs_of(server, entry)
     assert files and all(f.is_file() and f.stat().st_size > 0 for f in files)
-    for s in stats:  # PCPP KSampler's UI output
+    assert stats  # either node's UI output (PCPP Parallel Model's is filled after its sampler ran)
+    for s in stats:
         assert s["fallback"] is None and s["devices"] == ["cpu", "cpu"] and s["calls"] > 0
         assert (s["height"], s["width"]) == (16, 16) and s["bands"] == (1 if "cfg_split" in path.name else 2)
-    if not stats:  # PCPP Parallel Model has no UI output: the log says what ran
-        assert '"fallback": null' in server.log.read_text(errors="replace").split("PCPP run:")[-1]
 
 
 def test_cancel_stops_the_run_and_the_next_prompt_starts_clean(server):

@@ -6,7 +6,8 @@ from pcpp_core import UnsupportedModelError, find_plan, profile_layers
 from pcpp_core.exchange import Exchange
 from pcpp_core.layers import BandGroupNorm, BandLayer, ExactFirstConv, HaloConv, WindowAttention
 from pcpp_core.layers.groupnorm import band_stats, combine_stats
-from pcpp_core.plans import apply_plan, remove_plan
+from pcpp_core.plans import apply_plan, check_weight_functions, remove_plan
+from pcpp_core.weights import swapped_attrs
 from pcpp_testmodels import tiny_comfy_unet, tiny_diffusers_unet
 
 MODELS = {"comfy": tiny_comfy_unet, "diffusers": tiny_diffusers_unet}
@@ -63,6 +64,24 @@ def test_refuses_modules_bands_cannot_split():
     m.out[2] = nn.Conv2d(32, 4, 3, padding=2, dilation=2)
     with pytest.raises(UnsupportedModelError, match=r"out.2: conv with stride"):
         find_plan(m)
+
+
+def _double(w):
+    return w * 2
+
+
+def test_weight_functions_are_refused_unless_the_staged_copy_drops_them():
+    """A weight function the host does not strip (WeightSource.module_attrs) never reaches a worker."""
+    m = tiny_comfy_unet()
+    check_weight_functions(m)
+    conv = m.input_blocks[0][0]
+    conv.weight_function = [_double]
+    with pytest.raises(UnsupportedModelError, match=r"input_blocks.0.0: its weights are changed on the fly by _double"):
+        check_weight_functions(m)
+    with swapped_attrs(m, {"input_blocks.0.0.weight_function": [], "out.2.weight_function": []}):
+        check_weight_functions(m)  # the staged copy's view
+        assert conv.weight_function == [] and m.out[2].weight_function == []
+    assert conv.weight_function == [_double] and "weight_function" not in m.out[2].__dict__  # put back as it was
 
 
 def test_refuses_a_diffusers_downsample_that_pads_its_own_bottom_row():

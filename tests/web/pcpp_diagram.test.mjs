@@ -117,4 +117,5 @@ test("formatting of bytes, percentages and run stats", () => {
     fallback: null, partial: "3 of 6 model calls ran whole on the host: a 4x4 latent cannot be split" });
   assert.equal(part.at(-1), "partly on the host: 3 of 6 model calls ran whole on the host: a 4x4 latent cannot be split");
   assert.deepEqual(statsLines(null), []);
+  assert.deepEqual(statsLines({}), []); // PCPP Parallel Model's UI dict before its sampler ran
 });
