@@ -175,9 +175,10 @@ class PCPPParallelModel(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs: Any) -> str | float:
-        """The prompt's graph: the node runs again whenever the prompt changed, so the stats in each
-        prompt's /history entry are its own run's; an unchanged prompt stays cached."""
-        return prompt_fingerprint()
+        """Runs again exactly when a sampler using its model does (prompt_fingerprint), so each
+        prompt's /history entry holds its own run's stats and nothing re-samples for nothing."""
+        hidden = getattr(cls, "hidden", None)
+        return prompt_fingerprint(str(hidden.unique_id) if getattr(hidden, "unique_id", None) else None)
 
     @classmethod
     def execute(cls, model, devices, neighbour_fraction, mode, warmup_steps, cfg_split,
@@ -192,17 +193,70 @@ class PCPPParallelModel(io.ComfyNode):
         return io.NodeOutput(parallel, ui={"pcpp_stats": [stats]})
 
 
-def prompt_fingerprint() -> str | float:
-    """A hash of the graph of the prompt ComfyUI is preparing (its progress registry holds it while
-    cache keys are computed), or NaN, which never equals itself: run again."""
+DATA_TYPES = frozenset({"LATENT", "IMAGE", "MASK", "AUDIO", "VIDEO", "STRING", "INT", "FLOAT", "BOOLEAN"})
+
+
+def prompt_fingerprint(node_id: str | None = None) -> str | float:
+    """What decides whether a sampler using this node's model runs again, as a hash; NaN (never equal
+    to itself: run again) when ComfyUI does not expose the prompt being prepared.
+
+    The stats of a run are written into the UI dict of the node's own execution (hook.publish), so the
+    node must run again exactly when a sampler that uses its model runs again, and stay cached otherwise
+    (a new file name on SaveImage must not re-sample). A sampler runs again when anything among its
+    ancestors changes, so the hash covers the inputs of every ancestor of every node the model reaches
+    (links of any type but plain data such as LATENT or IMAGE: MODEL, GUIDER, SIGMAS, custom types).
+    """
     try:
         from comfy_execution.progress import get_progress_state
 
         prompt = get_progress_state().dynprompt.original_prompt
-        graph = {k: [v.get("class_type"), v.get("inputs")] for k, v in prompt.items()}  # not ComfyUI's is_changed
-        return hashlib.sha1(json.dumps(graph, sort_keys=True, default=str).encode()).hexdigest()
-    except Exception:  # noqa: BLE001 (an older or newer ComfyUI without it: always run again, never stale stats)
+    except Exception:  # noqa: BLE001 (an older or newer ComfyUI without it)
         return float("nan")
+    starts = [node_id] if node_id in prompt else [k for k, v in prompt.items()
+                                                   if v.get("class_type") == "PCPPParallelModel"]
+    reached = model_reach(prompt, starts)
+    graph = {k: [prompt[k].get("class_type"), prompt[k].get("inputs")] for k in sorted(ancestors(prompt, reached))}
+    return hashlib.sha1(json.dumps(graph, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def links(node: dict) -> list[tuple[str, int]]:
+    """(source node id, output index) of a prompt node's linked inputs."""
+    return [(str(v[0]), int(v[1])) for v in node.get("inputs", {}).values()
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int)]
+
+
+def model_reach(prompt: dict, starts: list[str]) -> set[str]:
+    """The starts and every node fed, directly or through others, by a link that is not plain data."""
+    reached, todo = set(starts), list(starts)
+    while todo:
+        source = todo.pop()
+        for k, node in prompt.items():
+            if k not in reached and any(s == source and output_type(prompt, s, i) not in DATA_TYPES
+                                        for s, i in links(node)):
+                reached.add(k)
+                todo.append(k)
+    return reached
+
+
+def ancestors(prompt: dict, nodes: set[str]) -> set[str]:
+    """The nodes and everything they read from, transitively."""
+    seen, todo = set(nodes), list(nodes)
+    while todo:
+        for s, _ in links(prompt.get(todo.pop(), {})):
+            if s in prompt and s not in seen:
+                seen.add(s)
+                todo.append(s)
+    return seen
+
+
+def output_type(prompt: dict, node_id: str, index: int) -> str | None:
+    """The type of a node's output (None when unknown: then the link is followed, never missed)."""
+    import nodes as comfy_nodes  # ComfyUI's node registry (imported late: it is ComfyUI's `nodes` module)
+
+    try:
+        return comfy_nodes.NODE_CLASS_MAPPINGS[prompt[node_id]["class_type"]].RETURN_TYPES[index]
+    except Exception:  # noqa: BLE001 (unknown class, V3 schema errors: follow the link)
+        return None
 
 
 class PCPPExtension(ComfyExtension):

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.comfy
 PM = "10"  # PCPP Parallel Model's node id in the prompts below
 
 
-def prompt(seed: int, steps: int = 3, freeu: bool = False) -> dict:
-    """CheckpointLoader -> [FreeU_V2] -> PCPP Parallel Model (cpu:2, sync) -> KSampler -> VAEDecode -> PreviewImage."""
+def prompt(seed: int, steps: int = 3, freeu: bool = False, save: str | None = None) -> dict:
+    """CheckpointLoader -> [FreeU_V2] -> PCPP Parallel Model (cpu:2, sync) -> KSampler -> VAEDecode ->
+    PreviewImage (or SaveImage with the prefix `save`)."""
     model = ["4", 0]
     g = {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
@@ -29,6 +30,8 @@ def prompt(seed: int, steps: int = 3, freeu: bool = False) -> dict:
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
     }
+    if save is not None:
+        g["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": save}}
     if freeu:
         g["11"] = {"class_type": "FreeU_V2", "inputs": {"model": model, "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}
         model = ["11", 0]
@@ -74,3 +77,12 @@ def test_each_prompts_history_holds_its_own_runs_stats(server):
 def test_a_fallback_reaches_history(server):
     stats = stats_of(server, server.run(prompt(seed=103, freeu=True)))
     assert "FreeU" in stats["fallback"] and stats["calls"] == 3 and stats["bands"] == 1
+
+
+def test_a_change_after_the_sampler_does_not_sample_again(server):
+    first = stats_of(server, server.run(prompt(seed=104, save="pcpp_a")))
+    assert first["calls"] == 3
+    runs = runs_logged(server)
+    again = server.run(prompt(seed=104, save="pcpp_b"))  # only SaveImage changed: the sampler stays cached
+    assert again["status"]["status_str"] == "success", why(again)
+    assert runs_logged(server) == runs and "9" in again["outputs"]

@@ -17,7 +17,7 @@ def engines():
 
     class Lazy(dict):
         def __missing__(self, n: int) -> Engine:
-            made[n] = Engine(PoolConfig(devices=("cpu",) * n, threads_per_worker=1, call_timeout_s=120))
+            self[n] = made[n] = Engine(PoolConfig(devices=("cpu",) * n, threads_per_worker=1, call_timeout_s=120))
             return made[n]
 
     yield Lazy()

@@ -109,6 +109,7 @@ def test_worker_exception_carries_remote_traceback(engines, model):
 
 def test_latent_too_small_is_refused_before_any_work(engines, model):
     engine = engines[2]
+    engine.new_run(PatchConfig())  # a new run: the shared engine's last run had another latent size
     a, k = inputs("comfy", height=4)
     with pytest.raises(ConfigError, match="smallest valid latent height is 8 rows"):
         engine(model, *a, **k)
