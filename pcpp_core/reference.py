@@ -121,8 +121,8 @@ class _MaskedJoint(nn.Module):
 
     def _attend(self, func, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         heads = args[0] if args else kwargs["heads"]
-        if not kwargs.get("skip_reshape", False):  # [B, L, H*d] -> [B, H, L, d]
-            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        if not kwargs.get("skip_reshape", False):  # [B, L, H*d] (MMDiT's v: [B, L, H, d]) -> [B, H, L, d]
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         level = self.bands.levels  # the patch level
         rows, cols = self.bands.level_size(level)
         text = q.shape[2] - rows * cols

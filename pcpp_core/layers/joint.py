@@ -139,8 +139,8 @@ class JointAttention:
         if kwargs.get("mask") is not None:
             raise UnsupportedModelError(f"{self.layer.layer_name}: attention masks are not supported on bands")
         skip_out = kwargs.get("skip_output_reshape", False)
-        if not kwargs.get("skip_reshape", False):  # [B, L, H*d] -> [B, H, L, d]
-            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        if not kwargs.get("skip_reshape", False):  # [B, L, H*d] (MMDiT's v: [B, L, H, d]) -> [B, H, L, d]
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         text = q.shape[2] - self.grid.n_band
         if text not in (self.text, 0):  # 0: an image-only attention (SD3.5's x_block attn2)
             raise UnsupportedModelError(f"{self.layer.layer_name}: attention over {q.shape[2]} tokens; expected "
