@@ -141,6 +141,8 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
 
 
 def _check_supported(model: nn.Module, plan: ModelPlan) -> None:
+    if plan.targets is not None:
+        plan.targets(model)  # a transformer plan refuses unknown block kinds while naming its targets
     for name, m in model.named_modules():
         plan.check_module(name, m)
         if isinstance(m, _UNHANDLED):
