@@ -250,7 +250,9 @@ def start_run(settings: PCPPSettings, diffusion_model: Any, shape: tuple[int, ..
         reason = f"the latent has shape {list(shape)}; only image latents [B, C, H, W] are split into bands"
     if reason is None:
         try:
-            find_plan(diffusion_model)
+            if find_plan(diffusion_model).targets is not None:  # pcpp_core splits it (plans_dit.py), the nodes not yet
+                raise ConfigError("Flux/SD3 transformer models are not parallelised by the nodes yet; "
+                                  "this run uses one device")
             engine = shared_engine(pool_config(devices))
             engine.new_run(settings.patch_config())
             run.started = engine
