@@ -165,7 +165,12 @@ def test_stale_reference_refuses_dit_plans():
 
 
 def test_flux_specs_follow_the_blocks():
-    specs = flux_specs(mini_flux(), 5)
+    from pcpp_core import profile_layers
+
+    model = mini_flux()
+    args, kwargs = dit_inputs()  # 5 text tokens
+    specs = flux_specs(model, 5)
+    assert profile_layers(model, find_plan(model), *args, **kwargs) == specs
     assert [s.text for s in specs] == [5, 5, 5, 0]  # the last single block's text is dropped by the model
     assert {(s.kind, s.level, s.channels, s.heads) for s in specs} == {("joint", 1, 32, 2)}
 
