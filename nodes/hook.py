@@ -12,7 +12,7 @@ ever see the diffusion model (with the user's weight patches applied) and plain 
 """
 from __future__ import annotations
 
-import inspect
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +33,7 @@ from pcpp_core.limits import HostLimits
 from pcpp_core.slots import SlotTracker
 from pcpp_core.codecs import codec_names
 
-from . import delivery
+from . import delivery, routing
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
 
 log = logging.getLogger("pcpp.nodes")
@@ -285,11 +285,13 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN_KEY] = run
+    route = routing.needs_routing(diffusion_model) and run.engine is not None  # SD3's MMDiT: routing.py
     try:
-        out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
+        with routing.routed(diffusion_model) if route else contextlib.nullcontext():
+            out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
         if run.engine is not None and not run.engine.stats.calls and not run.host_calls:
-            run.fall_back(f"{type(diffusion_model).__name__} never called PCPP's wrapper (ComfyUI runs SD3's MMDiT "
-                          "without DIFFUSION_MODEL wrappers): this run sampled on one device")
+            run.fall_back(f"{type(diffusion_model).__name__} never called PCPP's DIFFUSION_MODEL wrapper: "
+                          "this run sampled on one device")
         return out
     finally:
         run.end()
@@ -325,12 +327,9 @@ _NAMED_INPUTS = frozenset({"timesteps", "timestep", "context", "y", "control", "
 
 
 def _model_inputs(executor, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The diffusion model's inputs by name: the executor passes its forward's parameters after
-    `x` positionally, in the order of that forward (UNetModel: timesteps, context, y, control,
-    transformer_options; Flux: timestep, context, y, guidance, ref_latents, control, ...)."""
-    params = inspect.signature(executor.class_obj.forward).parameters.values()
-    names = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]  # after x
-    return {**dict(zip(names, args)), **kwargs}
+    """The diffusion model's inputs by name (the executor passes them positionally, in the order
+    of the model's forward: routing.input_names)."""
+    return {**dict(zip(routing.input_names(executor.class_obj), args)), **kwargs}
 
 
 def diffusion_model_wrapper(executor, x, *args, **kwargs):
@@ -358,8 +357,9 @@ def diffusion_model_wrapper(executor, x, *args, **kwargs):
     composition = (cond_or_uncond, tuple(x.shape[2:]))  # each latent size its own slot: area crops
     slot, step = run.call_slot(composition, transformer_options.get("sigmas"))
     try:
-        return run.engine(executor.class_obj, x, **{**inputs, "transformer_options": clean}, slot=slot, step=step,
-                          batch_chunks=chunks, model_key=run.weights_tag(), weights=run.weights())
+        with routing.class_forward(executor.class_obj):  # staged as ComfyUI built it (SD3: see routing.py)
+            return run.engine(executor.class_obj, x, **{**inputs, "transformer_options": clean}, slot=slot,
+                              step=step, batch_chunks=chunks, model_key=run.weights_tag(), weights=run.weights())
     except StagingError:  # the machine's staging dir, not this run's inputs: the prompt fails naming it
         raise
     except BandSizeError as e:  # e.g. an area-conditioning crop too small for the bands: this call whole
