@@ -48,7 +48,7 @@ def unloadable_reason(sd: dict[str, torch.Tensor]) -> str | None:
         return (f"ComfyUI {comfyui_version.__version__}'s loader fixes a Flux file's num_heads at {heads} "
                 f"(width = heads x {sum(CONFIG['axes_dim'])}), so any Flux file it loads is >= "
                 f"{heads * sum(CONFIG['axes_dim'])} wide (~0.5 B parameters at depth 1+1): too big for a CPU test. "
-                "The graph tests run the same weights in supported_models.Flux, as the loader would build them")
+                "test_comfy_flux_graph.py runs the graph on the same weights in supported_models.Flux")
     return None
 
 
@@ -59,3 +59,20 @@ def write(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(sd, str(path))
     return sd
+
+
+def write_vae(path: Path, seed: int = 0) -> None:
+    """A random TAESD with Flux's 16 latent channels: VAELoader reads the channels from the file
+    (Flux's own `ae` VAE at random would be 84 M parameters and slow to decode on a CPU)."""
+    import comfy.taesd.taesd
+    import safetensors.torch
+
+    torch.manual_seed(seed)
+    vae = comfy.taesd.taesd.TAESD(latent_channels=16)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel())) if p.dim() > 1 else p.zero_()
+    sd = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
+    sd.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(sd, str(path))
