@@ -114,3 +114,42 @@ def test_parallel_model_node_pcpp_runs_on_bands(comfy, graph):
     assert stats["mode"] == "pcpp" and stats["calls"] == STEPS
     assert 0 < stats["bytes_per_call"] < stats["bytes_per_call_warmup"]
     assert torch.isfinite(out).all()
+
+
+def test_lora_style_patch_matches_stock(comfy, graph):
+    """A weight patch on a double block (what a Flux LoRA adds): the workers apply it too."""
+    model, positive, negative, latent = graph
+    key = "diffusion_model.double_blocks.0.img_mlp.0.weight"
+    delta = torch.randn(model.model.state_dict()[key].shape, generator=torch.Generator().manual_seed(3)) * 0.05
+    patched = model.clone()
+    patched.add_patches({key: (delta,)}, 1.0)
+    ref = _stock(patched, positive, negative, latent)
+    assert (ref - _stock(model, positive, negative, latent)).abs().max() > 1e-3  # the patch changes the result
+    out = comfy.nodes.PCPPKSampler.execute(patched, 7, STEPS, 1.0, "euler", "simple", positive, negative, latent, 1.0,
+                                           DEVICES, 0.3, "sync", 1, False)
+    assert out.ui["pcpp_stats"][0]["fallback"] is None
+    rel_close(out.args[0]["samples"], ref)
+
+
+def test_controlnet_on_flux_falls_back_with_the_reason(comfy, graph):
+    """Control residuals for a DiT are not cut per band yet: plain sampling, the very same numbers."""
+    model, positive, negative, latent = graph
+
+    class Residuals(comfy.controlnet.ControlBase):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            tokens = (x_noisy.shape[2] // 2) * (x_noisy.shape[3] // 2)
+            g = torch.Generator().manual_seed(5)
+            return {"input": [torch.randn(x_noisy.shape[0], tokens, 128, generator=g) * 0.1], "output": []}
+
+        def copy(self):
+            c = Residuals()
+            self.copy_to(c)
+            return c
+
+    controlled = [[c, {**o, "control": Residuals()}] for c, o in positive]
+    ref = _stock(model, controlled, negative, latent)
+    assert (ref - _stock(model, positive, negative, latent)).abs().max() > 1e-3  # the residuals matter
+    out = comfy.nodes.PCPPKSampler.execute(model, 7, STEPS, 1.0, "euler", "simple", controlled, negative, latent, 1.0,
+                                           DEVICES, 0.3, "sync", 1, False)
+    assert "ControlNet for DiTs" in out.ui["pcpp_stats"][0]["fallback"]
+    assert torch.equal(out.args[0]["samples"], ref)
