@@ -98,3 +98,15 @@ def test_reference_latents_fall_back_with_the_reason(comfy, flux):
     out = sample(comfy, parallel, inputs, "euler", 1.0)
     assert "reference latents" in hook.last_stats["fallback"]
     assert torch.equal(out, ref)
+
+
+def test_model_that_never_reaches_the_wrapper_says_so(comfy, sd3, monkeypatch):
+    """Were SD3 not routed (the nodes' own fix switched off), its calls would bypass PCPP: the run
+    must say it sampled on one device, not report a parallel run that never happened."""
+    monkeypatch.setattr(comfy.hook.routing, "needs_routing", lambda model: False)
+    inputs = _inputs()
+    ref = sample(comfy, sd3, inputs, "euler", 3.0)
+    parallel, hook = pcpp(comfy, sd3, mode="sync")
+    out = sample(comfy, parallel, inputs, "euler", 3.0)
+    assert "never called PCPP's DIFFUSION_MODEL wrapper" in hook.last_stats["fallback"]
+    assert torch.equal(out, ref)
