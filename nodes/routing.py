@@ -12,6 +12,7 @@ call the class's forward on their bands, no wrappers there).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Any, Iterator
 
@@ -54,9 +55,14 @@ def class_forward(model: Any) -> Iterator[None]:
             model.forward = own
 
 
-def input_names(model: Any) -> list[str]:
+def input_names(model: Any) -> tuple[str, ...]:
     """The names of the class forward's positional parameters after `x`, in order (the wrapper
     executor passes them positionally: UNetModel timesteps, context, y, control, transformer_options;
     Flux timestep, context, y, guidance, ref_latents, control, transformer_options)."""
-    params = inspect.signature(type(model).forward).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][2:]  # after self, x
+    return _input_names(type(model))
+
+
+@functools.lru_cache(maxsize=64)  # once per model class, not on every model call
+def _input_names(cls: type) -> tuple[str, ...]:
+    params = inspect.signature(cls.forward).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)[2:]  # after self, x
