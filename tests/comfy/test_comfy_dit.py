@@ -110,3 +110,14 @@ def test_model_that_never_reaches_the_wrapper_says_so(comfy, sd3, monkeypatch):
     out = sample(comfy, parallel, inputs, "euler", 3.0)
     assert "never called PCPP's DIFFUSION_MODEL wrapper" in hook.last_stats["fallback"]
     assert torch.equal(out, ref)
+
+
+def test_flux_cfg_split_equals_stock(comfy, flux):
+    """cfg_split: cond and uncond halves (guidance and pooled vectors cut with them) on one worker each."""
+    inputs = _inputs(guidance=3.5)
+    ref = sample(comfy, flux, inputs, "euler", 3.0)
+    parallel, hook = pcpp(comfy, flux, mode="sync", cfg_split=True)
+    out = sample(comfy, parallel, inputs, "euler", 3.0)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["bands"] == 1 and stats["devices"] == ["cpu", "cpu"]
+    rel_close(out, ref)
