@@ -289,7 +289,7 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     try:
         with routing.routed(diffusion_model) if route else contextlib.nullcontext():
             out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
-        if run.engine is not None and not run.engine.stats.calls and not run.host_calls:
+        if run.engine is not None and run.tracker is not None and not run.engine.stats.calls and not run.host_calls:
             run.fall_back(f"{type(diffusion_model).__name__} never called PCPP's DIFFUSION_MODEL wrapper: "
                           "this run sampled on one device")
         return out
