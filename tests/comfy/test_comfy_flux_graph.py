@@ -75,7 +75,8 @@ def graph(comfy, flux_file, loaded):
 def _stock(model, positive, negative, latent, cfg=1.0):
     import nodes
 
-    return nodes.KSampler().sample(model, 7, STEPS, cfg, "euler", "simple", positive, negative, latent, 1.0)[0]["samples"]
+    (out,) = nodes.KSampler().sample(model, 7, STEPS, cfg, "euler", "simple", positive, negative, latent, 1.0)
+    return out["samples"]
 
 
 def test_pcpp_ksampler_sync_equals_stock_ksampler(comfy, graph):
