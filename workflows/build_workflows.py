@@ -44,10 +44,20 @@ NODE_TYPES: dict[str, tuple[list[tuple[str, str]], list[str], list[tuple[str, st
     "SamplerCustomAdvanced": (
         [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
         [], [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "UNETLoader": ([], ["unet_name", "weight_dtype"], [("MODEL", "MODEL")]),
+    "DualCLIPLoader": ([], ["clip_name1", "clip_name2", "type"], [("CLIP", "CLIP")]),
+    "VAELoader": ([], ["vae_name"], [("VAE", "VAE")]),
+    "ModelSamplingFlux": ([("model", "MODEL")], ["max_shift", "base_shift", "width", "height"], [("MODEL", "MODEL")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], ["guidance"], [("CONDITIONING", "CONDITIONING")]),
+    "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [], [("CONDITIONING", "CONDITIONING")]),
+    "EmptySD3LatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
 }
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
+FLUX_DEV = "flux1-dev.safetensors"  # ComfyUI's Flux example: models/diffusion_models, text_encoders, vae
+FLUX_TEXT = ("t5xxl_fp16.safetensors", "clip_l.safetensors")
+FLUX_VAE = "ae.safetensors"
 POSITIVE = "a photograph of a lighthouse on a rocky coast at sunset, dramatic clouds, highly detailed"
 NEGATIVE = "blurry, low quality, watermark, text"
 
@@ -92,10 +102,32 @@ def parallel_model_custom_advanced() -> dict[int, tuple]:
     }
 
 
+def flux_txt2img() -> dict[int, tuple]:
+    """Flux dev as ComfyUI's own example builds it (diffusion model, T5-XXL + CLIP-L, ae VAE, FluxGuidance,
+    CFG 1 so the zeroed negative is never evaluated) with PCPP KSampler in place of KSampler."""
+    return {
+        12: ("UNETLoader", {"unet_name": FLUX_DEV, "weight_dtype": "default"}, {}),
+        30: ("ModelSamplingFlux", {"max_shift": 1.15, "base_shift": 0.5, "width": 1024, "height": 1024},
+             {"model": (12, 0)}),
+        11: ("DualCLIPLoader", {"clip_name1": FLUX_TEXT[0], "clip_name2": FLUX_TEXT[1], "type": "flux"}, {}),
+        6: ("CLIPTextEncode", {"text": POSITIVE}, {"clip": (11, 0)}),
+        26: ("FluxGuidance", {"guidance": 3.5}, {"conditioning": (6, 0)}),
+        33: ("ConditioningZeroOut", {}, {"conditioning": (6, 0)}),
+        27: ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {}),
+        3: ("PCPPKSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                             "denoise": 1.0, **engine()},
+            {"model": (30, 0), "positive": (26, 0), "negative": (33, 0), "latent_image": (27, 0)}),
+        10: ("VAELoader", {"vae_name": FLUX_VAE}, {}),
+        8: ("VAEDecode", {}, {"samples": (3, 0), "vae": (10, 0)}),
+        9: ("SaveImage", {"filename_prefix": "PCPP/flux_dev"}, {"images": (8, 0)}),
+    }
+
+
 WORKFLOWS = {
     "sd15_txt2img_pcpp_ksampler": txt2img(SD15, 512, 20, 8.0, "euler", "normal", "PCPP/sd15", cfg_split=False),
     "sdxl_txt2img_pcpp_cfg_split": txt2img(SDXL, 1024, 25, 7.0, "dpmpp_2m", "karras", "PCPP/sdxl", cfg_split=True),
     "sd15_parallel_model_sampler_custom_advanced": parallel_model_custom_advanced(),
+    "flux_dev_txt2img_pcpp_ksampler": flux_txt2img(),
 }
 
 
@@ -124,6 +156,13 @@ SIZES: dict[str, tuple[int, int]] = {
     "BasicScheduler": (315, 106),
     "RandomNoise": (315, 82),
     "SamplerCustomAdvanced": (272, 126),
+    "UNETLoader": (315, 82),
+    "DualCLIPLoader": (315, 130),
+    "VAELoader": (315, 58),
+    "ModelSamplingFlux": (315, 130),
+    "FluxGuidance": (317, 58),
+    "ConditioningZeroOut": (222, 26),
+    "EmptySD3LatentImage": (315, 106),
 }
 TITLE = 30  # the title bar, drawn above a node's pos
 GAP = (60, 40)  # between columns, between nodes in a column (title bars not counted)
@@ -196,6 +235,7 @@ THUMBNAILS = {
     "sd15_txt2img_pcpp_ksampler": "astronaut",
     "sdxl_txt2img_pcpp_cfg_split": "coffee",
     "sd15_parallel_model_sampler_custom_advanced": "rocket",
+    "flux_dev_txt2img_pcpp_ksampler": "chelsea",
 }
 
 
