@@ -1,0 +1,34 @@
+"""The tiny DiT is ComfyUI's Flux: its weights load strictly into comfy.ldm.flux.model.Flux and both agree."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pcpp_core.tiny_dit import ASSET, load_tiny_dit
+
+
+def test_tiny_dit_weights_run_in_comfy_flux(comfy):
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    ours, emb = load_tiny_dit()
+    flux = Flux(operations=comfy.ops.disable_weight_init, **json.loads((ASSET / "config.json").read_text()))
+    flux.load_state_dict(ours.state_dict(), strict=True)
+    flux.eval()
+    x = torch.randn(2, 48, 10, 14, generator=torch.Generator().manual_seed(0))  # 5 x 7 patches
+    t, c = torch.tensor([0.25, 0.75]), emb[[3, 12]]
+    calls = {"comfy": 0, "tiny": 0}
+
+    def counting(who):
+        def override(func, *args, **kwargs):
+            calls[who] += 1
+            return func(*args, **kwargs)
+        return override
+
+    with torch.no_grad():  # Flux's y defaults to zeros; the tiny DiT's to the mean condition token
+        want = flux(x, t, c, y=c.mean(1), transformer_options={"optimized_attention_override": counting("comfy")})
+        got = ours(x, t, c, transformer_options={"optimized_attention_override": counting("tiny")})
+    assert calls["comfy"] == calls["tiny"] == len(ours.double_blocks) + len(ours.single_blocks)
+    assert got.shape == want.shape == x.shape
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
