@@ -74,4 +74,4 @@ def load_demo_model(kind: str) -> DemoModel:
         dit, emb = load_tiny_dit()
         return DemoModel("pcpp-tiny-dit", dit, emb, dit.params.in_channels, LATENT_FACTOR, 2 * LATENT_FACTOR, "context",
                          lambda fn, noise, steps: flow_sample(fn, noise, steps), to_image)
-    raise ValueError(f"unknown built-in model {kind!r}; valid: {', '.join(MODELS)}")
+    raise ConfigError(f"unknown built-in model {kind!r}; valid: {', '.join(MODELS)}")

@@ -40,9 +40,9 @@ class TinyDiTParams:
     out_channels: int = 48
     vec_in_dim: int | None = 64
     context_in_dim: int = 64
-    hidden_size: int = 192
+    hidden_size: int = 128
     mlp_ratio: float = 4.0
-    num_heads: int = 3
+    num_heads: int = 2
     depth: int = 2
     depth_single_blocks: int = 3
     axes_dim: list = field(default_factory=lambda: [16, 24, 24])

@@ -116,8 +116,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--max-steps", type=int, default=100000)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads; on a busy machine 2 threads ran 20x slower than 1 (spinning)")
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--preview-every", type=int, default=400)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
