@@ -162,6 +162,9 @@ class Exchange:
         `send_rows`/`recv_rows` name the image rows (dim 1) of each send/receive and `spans[band]`
         each band's rows, for the baselines; `hold`: the receiver keeps each band's whole span
         and returns it (pcpp's far context), the rows that arrive updating it.
+        `sends[own band]` (raw data only) never travels: it comes back under the own band with the
+        others, fresh or from the previous call alike, so every band can combine the same pieces
+        (the DiT text stream, layers/joint.py).
         """
         call = self.call
         assert call is not None and self.transport is not None, "swap() outside a call"
@@ -170,12 +173,17 @@ class Exchange:
         key = (call.slot, f"{layer}#{n}")
         tag = self._tags.setdefault(f"{call.slot}:{key[1]}", len(self._tags))
         sends = {b: t.contiguous() for b, t in sends.items()}
+        own = sends.pop(call.band, None)  # loopback: kept, and returned with the same freshness as the rest
         codec = None if channel_dim is None or (call.compress == NONE and not hold) else get_codec(call.compress)
+        assert own is None or codec is None, "a loopback send travels raw"
         rows = _RowInfo(call.band, send_rows or {}, recv_rows or {}, spans or {}, hold)
         wire, buffers, decode = self._codec_hook(codec, key, sends, recvs, dtype, device, channel_dim, rows)
         works = self.transport(wire, buffers, tag)
         self.bytes_sent += sum(t.numel() * t.element_size() for t in wire.values())
-        got_rows = {b: rows.span(b) if hold else recvs[b][1] for b in buffers}  # held: the whole span returns
+        if own is not None:
+            buffers = {**buffers, call.band: own}
+        got_rows = {b: rows.span(b) if hold else recvs[b][1] if b in recvs else (0, 0)  # held: the whole span
+                    for b in buffers}
         fresh = _Inflight(list(works), buffers, got_rows, list(wire.values()), decode)
         previous = self._inflight.get(key)
         self._inflight[key] = fresh

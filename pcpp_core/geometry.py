@@ -133,7 +133,7 @@ def conv_halo(kernel: int, stride: int, padding: int) -> tuple[int, int]:
 
 # ---- analytic communication count (docs/PCPP.md section 7) ---------------------------------
 
-LayerKind = Literal["conv", "groupnorm", "attention"]
+LayerKind = Literal["conv", "groupnorm", "attention", "joint"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,10 @@ class LayerSpec:
     """What one exchanging layer sends, independent of the data.
 
     conv: `channels` = input channels; groupnorm: `channels` = groups; attention: `channels` =
-    the K (= V) width. `level` is the resolution level the layer runs at.
+    the K (= V) width. `level` is the resolution level the layer runs at. joint (a DiT block's
+    text+image attention, layers/joint.py): image K/V rows as attention, plus, when `text` > 0,
+    the text queries' partial attention over the band's image tokens, [B, heads, text, D/heads]
+    in the model's dtype and its log-sum-exp [B, heads, text] in float32, to every other band.
     """
 
     kind: LayerKind
@@ -150,6 +153,8 @@ class LayerSpec:
     kernel: int = 1
     stride: int = 1
     padding: int = 0
+    text: int = 0  # joint: text tokens whose partial attention travels (0: none)
+    heads: int = 0  # joint: attention heads
 
 
 STAT_BYTES = 4  # GroupNorm statistics always travel as float32 (mean, variance per group)
@@ -208,4 +213,6 @@ def bytes_sent(
             for dst in others:
                 rows = len(bands.sent_rows(dst, band, spec.level, fraction, far_refresh, step))
                 total += size((batch, rows, cols, 2 * spec.channels), -1)  # K/V rows [B, r, W, 2D]
+            if spec.kind == "joint" and spec.text:  # text partials travel raw, every call
+                total += len(others) * batch * spec.text * (spec.channels * element_size + spec.heads * STAT_BYTES)
     return total

@@ -35,9 +35,17 @@ class ModelPlan:
     spatial_kwargs: tuple[str, ...]  # inputs holding [B, C, H_l, W_l] residuals to cut per band
     output: Callable[[Any], torch.Tensor]  # the model's return value -> output tensor
     check_module: Callable[[str, nn.Module], None] = lambda name, module: None  # family-specific refusals
+    # transformer plans (plans_dit.py): their own targets and level, refusals of call inputs, and an
+    # output of the whole image of which the runner keeps the band's rows
+    targets: Callable[[nn.Module], dict[str, Any]] | None = None
+    levels_of: Callable[[nn.Module], int] | None = None
+    check_call: Callable[[dict], None] = lambda kwargs: None
+    full_output: bool = False
 
     def levels(self, model: nn.Module) -> int:
-        """Number of 2x downsamplings: stride-2 convs and 2x2 pools."""
+        """Number of 2x downsamplings: stride-2 convs and 2x2 pools (a DiT: log2 of its patch size)."""
+        if self.levels_of is not None:
+            return self.levels_of(model)
         n = 0
         for m in model.modules():
             if isinstance(m, nn.Conv2d) and m.stride[0] == 2:
@@ -111,14 +119,17 @@ PLANS: tuple[ModelPlan, ...] = (
 
 def find_plan(model: nn.Module) -> ModelPlan:
     """The plan of `model`'s family, or UnsupportedModelError naming what was found."""
-    for plan in PLANS:
+    from .plans_dit import DIT_PLANS  # imports this module
+
+    for plan in PLANS + DIT_PLANS:
         if plan.matches(model):
             _check_supported(model, plan)
             return plan
     children = ", ".join(list(dict(model.named_children()))[:8]) or "none"
     raise UnsupportedModelError(
         f"model {type(model).__module__}.{type(model).__qualname__} (children: {children}) is not a "
-        "supported family; supported: ComfyUI's SD1.x/SD2.x/SDXL UNetModel and diffusers' UNet2DConditionModel"
+        "supported family; supported: ComfyUI's SD1.x/SD2.x/SDXL UNetModel, diffusers' UNet2DConditionModel, "
+        "ComfyUI's Flux and SD3 MMDiT"
     )
 
 
@@ -130,6 +141,8 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
 
 
 def _check_supported(model: nn.Module, plan: ModelPlan) -> None:
+    if plan.targets is not None:
+        plan.targets(model)  # a transformer plan refuses unknown block kinds while naming its targets
     for name, m in model.named_modules():
         plan.check_module(name, m)
         if isinstance(m, _UNHANDLED):
@@ -147,7 +160,9 @@ def _check_supported(model: nn.Module, plan: ModelPlan) -> None:
 
 
 def _targets(model: nn.Module, plan: ModelPlan) -> dict[str, type]:
-    """Qualified name -> band layer class, for every module the plan replaces."""
+    """Qualified name -> band layer class (or factory), for every module the plan replaces."""
+    if plan.targets is not None:
+        return plan.targets(model)
     modules = dict(model.named_modules())
     out: dict[str, type] = {}
     for name, m in modules.items():

@@ -32,6 +32,7 @@ from .config import Mode, PatchConfig
 from .errors import ConfigError
 from .geometry import Bands
 from .layers import ExactFirstConv, WindowAttention
+from .layers.joint import DitBlock
 from .plans import _targets, find_plan
 
 Key = tuple[str, int]  # (module name, occurrence within one forward pass)
@@ -105,9 +106,43 @@ def _self_attention_names(model: nn.Module) -> list[str]:
     return [n for n, cls in _targets(model, find_plan(model)).items() if cls is WindowAttention]
 
 
+class _MaskedJoint(nn.Module):
+    """A transformer block whose attention (through `optimized_attention_override`) is masked to
+    the PCPP windows: a text query sees every token, an image query the text and its band's
+    window of image tokens (text first in the sequence, as in Flux and MMDiT)."""
+
+    def __init__(self, inner: nn.Module, bands: Bands, fraction: float | None):
+        super().__init__()
+        self.inner, self.bands, self.fraction = inner, bands, fraction
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        opts = kwargs.get("transformer_options") or {}
+        return self.inner(*args, **{**kwargs, "transformer_options": {**opts, "optimized_attention_override": self._attend}})
+
+    def _attend(self, func, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        heads = args[0] if args else kwargs["heads"]
+        if not kwargs.get("skip_reshape", False):  # [B, L, H*d] (MMDiT's v: [B, L, H, d]) -> [B, H, L, d]
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        level = self.bands.levels  # the patch level
+        rows, cols = self.bands.level_size(level)
+        text = q.shape[2] - rows * cols
+        allowed = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool)
+        allowed[text:, text:] = _window_mask(self.bands, level, self.fraction)
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed.to(q.device))
+        out = out.to(q.dtype)  # [B, H, L, d]
+        return out if kwargs.get("skip_output_reshape", False) else out.transpose(1, 2).flatten(2)
+
+
 @contextlib.contextmanager
 def masked_self_attention(model: nn.Module, bands: Bands, fraction: float | None):
-    """Temporarily mask every self-attention of `model` to the PCPP windows of `bands`."""
+    """Temporarily mask every self-attention of `model` to the PCPP windows of `bands`; for a
+    transformer (DiT plan), every block's joint attention (see _MaskedJoint)."""
+    plan = find_plan(model)
+    if plan.targets is not None:
+        blocks = [n for n, cls in _targets(model, plan).items() if getattr(cls, "func", cls) is DitBlock]
+        with _swapped(model, {n: (lambda m: _MaskedJoint(m, bands, fraction)) for n in blocks}):
+            yield model
+        return
     names = _self_attention_names(model)
     with _swapped(model, {n: (lambda m: _Masked(m, bands, fraction)) for n in names}):
         yield model
@@ -187,6 +222,9 @@ class StaleReference:
             raise ConfigError("mode='naive' is not simulated by the stale reference; use pcpp, distrifusion or sync")
         self.model, self.count, self.config = model, bands, config
         plan = find_plan(model)
+        if plan.targets is not None:
+            raise ConfigError(f"the stale reference does not simulate the {plan.family} plan yet; use sync or "
+                              "fresh_activations with masked_self_attention")
         self.levels = plan.levels(model)
         self.output = plan.output
         targets = _targets(model, plan)

@@ -120,6 +120,7 @@ class BandRunner:
             index=slot.calls,
         )
         slot.calls += 1
+        self.plan.check_call(req.kwargs)
         kwargs = {k: cut_spatial(v, bands, band) if k in self.plan.spatial_kwargs else v
                   for k, v in req.kwargs.items()}
         _synchronize(x.device)  # CUDA: the clock measures kernels, not their launches
@@ -132,6 +133,8 @@ class BandRunner:
             sent = self.exchange.end()
         _synchronize(out.device)
         seconds = time.perf_counter() - start
+        if self.plan.full_output and bands.count > 1 and out.shape[2] == bands.height:
+            out = out[:, :, slice(*bands.rows(band))].clone()  # a DiT's whole-image output: the band's rows
         if out.shape[2] != bands.rows(band)[1] - bands.rows(band)[0]:
             raise ConfigError(f"the model returned {tuple(out.shape)} for band {band}; expected its rows only")
         return out, CallStats(self.rank, band, seconds, sent, sync)

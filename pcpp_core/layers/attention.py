@@ -39,44 +39,54 @@ class WindowAttention(BandLayer):
             # a per-token patch (a hypernetwork) may transform the band's own tokens into K/V inputs;
             # anything with other tokens is cross-attention
             raise UnsupportedModelError(f"{self.layer_name}: self-attention called with a context")
-        call = self.call
         m = self.inner
-        bands, band = call.bands, call.band
+        bands, band = self.call.bands, self.call.band
         level = bands.level_of_tokens(band, x.shape[1])
         r0, r1 = bands.rows(band, level)
         cols = bands.level_size(level)[1]
         q, k, v = m.to_q(x), m.to_k(context), m.to_v(value)  # [B, N, D] each
         kv = torch.cat([k, v], dim=-1).view(x.shape[0], r1 - r0, cols, -1)  # [B, h, W, 2D]
-        window = call.window if call.exchange else 0.0
-        parts: dict[int, torch.Tensor] = {band: kv}
-        if call.exchange:
-            # pcpp far context: after warm-up, rows outside the window come from what the
-            # receiver holds, a slice refreshed per call; attention then sees the whole image
-            far = call.far_refresh if window is not None else 0
-            sends, recvs, send_rows, recv_rows = {}, {}, {}, {}
-            for other in range(bands.count):
-                if other == band:
-                    continue
-                rows = bands.sent_rows(other, band, level, window, far, call.index)
-                if rows:
-                    sends[other], send_rows[other] = _take(kv, rows, r0), rows
-                rows = bands.sent_rows(band, other, level, window, far, call.index)
-                if rows:
-                    recvs[other] = ((kv.shape[0], len(rows), cols, kv.shape[3]), (rows[0], rows[-1] + 1))
-                    recv_rows[other] = rows
-            spans = {b: bands.rows(b, level) for b in range(bands.count)}
-            got = self.swap(sends, recvs, kv, channel_dim=-1, send_rows=send_rows, recv_rows=recv_rows,
-                            spans=spans, hold=call.far_refresh > 0)  # K/V: compressible
-            for other in recvs:
-                lo, hi = bands.needed(band, other, level, None if far else window)
-                piece = got[other]  # may hold more rows than needed (stale from a whole-image call)
-                p0 = piece.rows[0]
-                parts[other] = piece.tensor[:, lo - p0: hi - p0]
-        kv_win = torch.cat([parts[b] for b in sorted(parts)], dim=1).flatten(1, 2)  # [B, M, 2D]
+        kv_win = window_kv(self, kv, level)  # [B, M, 2D]
         k_win, v_win = kv_win.chunk(2, dim=-1)
         out = _attend(q, k_win, v_win, m)
         out = m.to_out[0](out)
         return m.to_out[1](out) if len(m.to_out) > 1 else out
+
+
+def window_kv(layer: BandLayer, kv: torch.Tensor, level: int) -> torch.Tensor:
+    """K/V of the band's attention window, top to bottom: kv [B, h, W, 2D] holds the band's own rows
+    (fresh) at `level`; neighbour rows come through the exchange (fresh or stale, only the rows
+    the receiver's window needs, plus pcpp's far slice) -> [B, M, 2D]. Shared by the UNet
+    self-attention and the DiT joint attention (layers/joint.py)."""
+    call = layer.call
+    bands, band = call.bands, call.band
+    r0, cols = bands.rows(band, level)[0], bands.level_size(level)[1]
+    window = call.window if call.exchange else 0.0
+    parts: dict[int, torch.Tensor] = {band: kv}
+    if call.exchange:
+        # pcpp far context: after warm-up, rows outside the window come from what the
+        # receiver holds, a slice refreshed per call; attention then sees the whole image
+        far = call.far_refresh if window is not None else 0
+        sends, recvs, send_rows, recv_rows = {}, {}, {}, {}
+        for other in range(bands.count):
+            if other == band:
+                continue
+            rows = bands.sent_rows(other, band, level, window, far, call.index)
+            if rows:
+                sends[other], send_rows[other] = _take(kv, rows, r0), rows
+            rows = bands.sent_rows(band, other, level, window, far, call.index)
+            if rows:
+                recvs[other] = ((kv.shape[0], len(rows), cols, kv.shape[3]), (rows[0], rows[-1] + 1))
+                recv_rows[other] = rows
+        spans = {b: bands.rows(b, level) for b in range(bands.count)}
+        got = layer.swap(sends, recvs, kv, channel_dim=-1, send_rows=send_rows, recv_rows=recv_rows,
+                      spans=spans, hold=call.far_refresh > 0)  # K/V: compressible
+        for other in recvs:
+            lo, hi = bands.needed(band, other, level, None if far else window)
+            piece = got[other]  # may hold more rows than needed (stale from a whole-image call)
+            p0 = piece.rows[0]
+            parts[other] = piece.tensor[:, lo - p0: hi - p0]
+    return torch.cat([parts[b] for b in sorted(parts)], dim=1).flatten(1, 2)  # [B, M, 2D]
 
 
 def _take(kv: torch.Tensor, rows: tuple[int, ...], r0: int) -> torch.Tensor:
