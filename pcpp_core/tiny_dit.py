@@ -14,7 +14,12 @@ then patchifies 2x2 like Flux, so a 64x64 image is 8x8 = 64 image tokens of 8x8 
 budget: 256 tokens of 4x4 pixels trained 4x slower on the shared 2-core machine).
 Training is rectified flow like Flux: x_s = (1 - s) x0 + s noise, the model predicts noise - x0,
 timestep = s in [0, 1] (the embedding multiplies by 1000).
-One deliberate difference: when `y` is None the pooled vector is the mean of the context tokens
+The network predicts x0 and `forward` returns the velocity (x - x0) / sigma: a token of 8x8 RGB
+pixels has 192 values, more than the 128-wide stream can carry, and a velocity (mostly noise)
+squeezed through it kept a third of the noise in every sample; clean images are low-dimensional
+(the "x-prediction" argument of Li & He, "Back to Basics", 2025). So the state dict loads into
+ComfyUI's Flux unchanged, whose output is then this model's x0.
+Second difference: when `y` is None the pooled vector is the mean of the context tokens
 (Flux uses zeros), so callers pass the condition tokens only, as for the tiny UNet.
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import Tensor, nn
 
 ASSET = Path(__file__).resolve().parent / "assets" / "pcpp-tiny-dit"
 LATENT_FACTOR = 4  # pixels per latent pixel along each side
+SIGMA_MIN = 0.05  # x0 -> velocity divides by sigma; never by less than this
 
 
 @dataclass
@@ -350,7 +356,11 @@ class TinyDiT(nn.Module):
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None,
                 guidance: Tensor | None = None, ref_latents: Any = None, control: Any = None,
                 transformer_options: dict | None = None, **kwargs: Any) -> Tensor:
-        """x [B, C, H, W] (latent), timestep [B] = sigma in [0, 1], context [B, T, 64] -> velocity [B, C, H, W]."""
+        """x [B, C, H, W] (latent), timestep [B] = sigma in [0, 1], context [B, T, 64] -> velocity [B, C, H, W].
+
+        The blocks predict the clean latent x0 (Flux's network, its output read as x0); the velocity
+        is (x - x0) / sigma, per pixel, so a band's rows of it need only the band's rows of x0.
+        """
         if ref_latents is not None or control is not None:
             raise ValueError("the tiny DiT takes no ref_latents/control (a Flux feature it does not model)")
         b, _, h, w = x.shape
@@ -362,8 +372,13 @@ class TinyDiT(nn.Module):
         out = self.forward_orig(img, img_ids, context, txt_ids, timestep, y, guidance,
                                 transformer_options=transformer_options, attn_mask=kwargs.get("attention_mask"))
         hp, wp = (h + p - 1) // p, (w + p - 1) // p
-        out = out.reshape(b, hp, wp, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, hp * p, wp * p)
-        return out[:, :, :h, :w]
+        x0 = out.reshape(b, hp, wp, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, hp * p, wp * p)
+        return velocity(x, x0[:, :, :h, :w], timestep)
+
+
+def velocity(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    """Rectified-flow velocity noise - x0 = (x - x0) / sigma, sigma clamped at SIGMA_MIN: [B, C, H, W]."""
+    return (x - x0) / sigma.clamp(min=SIGMA_MIN).to(x.dtype).view(-1, 1, 1, 1)
 
 
 def to_latent(img: Tensor) -> Tensor:

@@ -1,11 +1,12 @@
-"""The tiny DiT is ComfyUI's Flux: its weights load strictly into comfy.ldm.flux.model.Flux and both agree."""
+"""The tiny DiT is ComfyUI's Flux: its weights load strictly into comfy.ldm.flux.model.Flux and both agree
+(the tiny DiT reads the network's output as x0 and returns the velocity, tiny_dit.velocity)."""
 from __future__ import annotations
 
 import json
 
 import torch
 
-from pcpp_core.tiny_dit import ASSET, load_tiny_dit
+from pcpp_core.tiny_dit import ASSET, load_tiny_dit, velocity
 
 
 def test_tiny_dit_weights_run_in_comfy_flux(comfy):
@@ -27,7 +28,8 @@ def test_tiny_dit_weights_run_in_comfy_flux(comfy):
         return override
 
     with torch.no_grad():  # Flux's y defaults to zeros; the tiny DiT's to the mean condition token
-        want = flux(x, t, c, y=c.mean(1), transformer_options={"optimized_attention_override": counting("comfy")})
+        x0 = flux(x, t, c, y=c.mean(1), transformer_options={"optimized_attention_override": counting("comfy")})
+        want = velocity(x, x0, t)
         got = ours(x, t, c, transformer_options={"optimized_attention_override": counting("tiny")})
     assert calls["comfy"] == calls["tiny"] == len(ours.double_blocks) + len(ours.single_blocks)
     assert got.shape == want.shape == x.shape

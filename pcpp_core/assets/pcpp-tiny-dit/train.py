@@ -6,7 +6,9 @@ Needs scikit-image and matplotlib (their bundled sample images; no downloads). E
 gets a learned 4-token condition [4, 64]; row 12 is a learned null condition used for 10% of the
 samples (classifier-free guidance). Data as for the tiny UNet: the centre square of each image at
 256 px, a random crop covering 85-100% of it, resized to 64x64, values in [-1, 1].
-Objective: rectified flow (Flux/SD3): x_s = (1 - s) x0 + s n, target n - x0, s ~ logit-normal.
+Objective: rectified flow (Flux/SD3): x_s = (1 - s) x0 + s n, target n - x0, s ~ logit-normal; the
+network predicts x0 and the model returns (x_s - x0) / s (see tiny_dit.py), so the loss is the
+velocity MSE of an x0 prediction.
 Every --ckpt-every steps the EMA weights are written in the shipped format (fp16 safetensors,
 config.json, embeddings) plus a resumable checkpoint, so a run can be cut at any time.
 """
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repo root, for pcpp_core
-from pcpp_core.tiny_dit import LATENT_FACTOR, TinyDiT, config_dict, to_image, to_latent  # noqa: E402
+from pcpp_core.tiny_dit import LATENT_FACTOR, TinyDiT, config_dict, to_image, to_latent, velocity  # noqa: E402
 
 NAMES = ("astronaut", "chelsea", "chessboard", "coffee", "color", "grace_hopper",
          "ihc", "logo", "motorcycle", "present", "retina", "rocket")
@@ -151,7 +153,7 @@ def main() -> None:
         noise = torch.randn(x0.shape, generator=g)
         s = torch.sigmoid(torch.randn(a.batch, generator=g))  # logit-normal(0, 1) noise levels
         xs = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
-        loss = F.mse_loss(model(xs, s, emb[ids]), noise - x0)
+        loss = F.mse_loss(model(xs, s, emb[ids]), velocity(xs, x0, s))  # = noise - x0 where s >= SIGMA_MIN
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + [emb], 1.0)
