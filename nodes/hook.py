@@ -12,6 +12,7 @@ ever see the diffusion model (with the user's weight patches applied) and plain 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from pcpp_core.limits import HostLimits
 from pcpp_core.slots import SlotTracker
 from pcpp_core.codecs import codec_names
 
-from . import delivery
+from . import delivery, routing
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
 
 log = logging.getLogger("pcpp.nodes")
@@ -154,6 +155,7 @@ class RunState:
     host_calls: dict[str, int] = field(default_factory=dict)  # why some calls ran whole on the host -> how many
     _weights: Any = False  # the run's delivery.weight_source, computed on first use (False: not yet)
     tracker: SlotTracker | None = None  # from the run's sigmas (None: unknown, see call_slot)
+    check_call: Callable[[dict], None] = lambda inputs: None  # the model plan's refusals of call inputs
 
     def fall_back(self, reason: str) -> None:
         """From now on this run samples plainly; said once in the log and in the node's stats."""
@@ -250,7 +252,7 @@ def start_run(settings: PCPPSettings, diffusion_model: Any, shape: tuple[int, ..
         reason = f"the latent has shape {list(shape)}; only image latents [B, C, H, W] are split into bands"
     if reason is None:
         try:
-            find_plan(diffusion_model)
+            run.check_call = find_plan(diffusion_model).check_call  # e.g. ControlNet on a Flux model
             engine = shared_engine(pool_config(devices))
             engine.new_run(settings.patch_config())
             run.started = engine
@@ -283,8 +285,14 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     guider.model_options["transformer_options"][RUN_KEY] = run
+    route = routing.needs_routing(diffusion_model) and run.engine is not None  # SD3's MMDiT: routing.py
     try:
-        return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
+        with routing.routed(diffusion_model) if route else contextlib.nullcontext():
+            out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
+        if run.engine is not None and not run.engine.stats.calls and not run.host_calls:
+            run.fall_back(f"{type(diffusion_model).__name__} never called PCPP's DIFFUSION_MODEL wrapper: "
+                          "this run sampled on one device")
+        return out
     finally:
         run.end()
         guider.model_options = original
@@ -315,19 +323,31 @@ def publish(hook: PCPPHook) -> None:
         instance.send_sync(STATS_EVENT, {"node": str(hook.node_id), "stats": hook.last_stats})
 
 
-def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+_NAMED_INPUTS = frozenset({"timesteps", "timestep", "context", "y", "control", "transformer_options"})
+
+
+def _model_inputs(executor, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The diffusion model's inputs by name (the executor passes them positionally, in the order
+    of the model's forward: routing.input_names)."""
+    return {**dict(zip(routing.input_names(executor.class_obj), args)), **kwargs}
+
+
+def diffusion_model_wrapper(executor, x, *args, **kwargs):
     """`diffusion_model(x, timesteps, ...)` on bands when the workers can run it, else on the host."""
     comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel stops within one call
+    inputs = _model_inputs(executor, args, kwargs)
+    transformer_options = inputs.get("transformer_options") or {}
     run: RunState | None = transformer_options.get(RUN_KEY)
 
     def host() -> torch.Tensor:
-        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return executor(x, *args, **kwargs)
 
     if run is None:  # called outside a sampling run (e.g. by another node): nothing to split
         return host()
     if run.engine is not None:
         clean, reason = split_transformer_options(transformer_options)
-        reason = reason or _inner_wrappers(executor) or unsupported_kwargs(kwargs)
+        extra = {k: v for k, v in inputs.items() if k not in _NAMED_INPUTS}  # guidance, ref_latents, ...
+        reason = reason or _inner_wrappers(executor) or unsupported_kwargs(extra) or _refused(run, inputs)
         if reason is not None:
             run.fall_back(reason)
     if run.engine is None:
@@ -337,16 +357,25 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     composition = (cond_or_uncond, tuple(x.shape[2:]))  # each latent size its own slot: area crops
     slot, step = run.call_slot(composition, transformer_options.get("sigmas"))
     try:
-        return run.engine(executor.class_obj, x, timesteps, context=context, y=y, control=control,
-                          transformer_options=clean, slot=slot, step=step, batch_chunks=chunks,
-                          model_key=run.weights_tag(), weights=run.weights(), **kwargs)
+        with routing.class_forward(executor.class_obj):  # staged as ComfyUI built it (SD3: see routing.py)
+            return run.engine(executor.class_obj, x, **{**inputs, "transformer_options": clean}, slot=slot,
+                              step=step, batch_chunks=chunks, model_key=run.weights_tag(), weights=run.weights())
     except StagingError:  # the machine's staging dir, not this run's inputs: the prompt fails naming it
         raise
     except BandSizeError as e:  # e.g. an area-conditioning crop too small for the bands: this call whole
         return run.host_call(f"a {x.shape[2]}x{x.shape[3]} latent cannot be split ({e})", host)
-    except ConfigError as e:  # e.g. weights patched on the fly (lowvram)
+    except ConfigError as e:  # e.g. weights patched on the fly (lowvram), ControlNet on a DiT
         run.fall_back(str(e))
         return run.plain(host)
+
+
+def _refused(run: RunState, inputs: dict) -> str | None:
+    """Why the model's plan does not split a call with these inputs (before any worker sees them)."""
+    try:
+        run.check_call(inputs)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def _inner_wrappers(executor) -> str | None:

@@ -211,6 +211,10 @@ def profile_layers(model: nn.Module, plan: ModelPlan, x: torch.Tensor, *args: An
     Runs the plain model once with hooks; works on meta tensors, so full-size geometry costs
     nothing. The first conv is left out: it never sends.
     """
+    if plan.targets is not None:  # a transformer: from its structure and the text length
+        from .plans_dit import call_specs
+
+        return call_specs(model, plan.family, (x, *args), kwargs)
     height, width = x.shape[-2:]
     specs: list[LayerSpec] = []
     modules = dict(model.named_modules())

@@ -128,6 +128,16 @@ def mmdit_specs(model: nn.Module, text: int) -> list[LayerSpec]:
     return specs
 
 
+def call_specs(model: nn.Module, family: str, args: tuple, kwargs: dict) -> list[LayerSpec]:
+    """The layer specs of one call `model(x, t, context, ...)` (plans.profile_layers for DiTs):
+    the text length is the context's (MMDiT: plus its registers)."""
+    context = kwargs.get("context", args[2] if len(args) > 2 else None)
+    text = 0 if context is None else int(context.shape[1])
+    if family == "flux":
+        return flux_specs(model, text)
+    return mmdit_specs(model, text + int(getattr(model, "register_length", 0) or 0))
+
+
 def flux_spec_values(hidden: int, heads: int, double: int, single: int, text: int, level: int = 1) -> list[LayerSpec]:
     """Flux specs from its dimensions alone (bench comm: Flux-dev is 3072 wide, 24 heads, 19 + 38 blocks)."""
     specs = [LayerSpec("joint", level, hidden, text=text, heads=heads) for _ in range(double)]

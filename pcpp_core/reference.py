@@ -3,7 +3,9 @@
 Two references, both whole-image forward passes of the unmodified model:
 
 - `masked_self_attention`: every self-attention masked to its band's window (docs/PCPP.md
-  check 2): what the bands compute when every exchange is fresh.
+  check 2): what the bands compute when every exchange is fresh. For a transformer (DiT plan)
+  every block's joint attention: text queries see all tokens, image queries the text and their
+  band's window (reference_dit.py has the DiT's stale counterpart).
 - `StaleReference`: what the bands compute after warm-up, when each band uses the data the
   other bands sent during the previous call of the same slot (docs/PCPP.md section 3). For each
   band b it runs the whole model once; at every cross-band layer (k x k conv except the first,
@@ -116,10 +118,10 @@ class _MaskedJoint(nn.Module):
         self.inner, self.bands, self.fraction = inner, bands, fraction
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        opts = kwargs.get("transformer_options") or {}
-        return self.inner(*args, **{**kwargs, "transformer_options": {**opts, "optimized_attention_override": self._attend}})
+        opts = {**(kwargs.get("transformer_options") or {}), "optimized_attention_override": self._attend}
+        return self.inner(*args, **{**kwargs, "transformer_options": opts})
 
-    def _attend(self, func, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _attend(self, func, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any):
         heads = args[0] if args else kwargs["heads"]
         if not kwargs.get("skip_reshape", False):  # [B, L, H*d] (MMDiT's v: [B, L, H, d]) -> [B, H, L, d]
             q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))

@@ -27,7 +27,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pcpp.bench.comm")
 
-DEFAULT_CASES = "sdxl:1024,sdxl:2048,sd15:512,sd15:1024"
+DEFAULT_CASES = "sdxl:1024,sdxl:2048,sd15:512,sd15:1024,flux-dev:1024,flux-dev:2048"
+# transformer geometries counted from their dimensions (plans_dit.flux_spec_values), no weights:
+# Flux.1-dev is 3072 wide, 24 heads, 19 double + 38 single blocks, 2x2 patches, 256 T5 tokens
+# (ComfyUI's minimum length); guidance-distilled, so one evaluation of batch 1 per step
+DIT_GEOMETRY = {"flux-dev": dict(hidden=3072, heads=24, double=19, single=38, text=256)}
+DIT_BATCH = {"flux-dev": 1}
 
 
 class CrossCheckError(RuntimeError):
@@ -58,7 +63,12 @@ def parse_codecs(text: str) -> list[str]:
 
 @lru_cache(maxsize=None)
 def layer_specs(model: str, latent_h: int, latent_w: int) -> tuple[tuple[LayerSpec, ...], int]:
-    """(exchanging layers of one forward pass, downsampling levels) on meta tensors."""
+    """(exchanging layers of one forward pass, downsampling levels) on meta tensors (a DiT
+    geometry: from its dimensions, level 1 = the 2x2 patch grid)."""
+    if model in DIT_GEOMETRY:
+        from ..plans_dit import flux_spec_values
+
+        return tuple(flux_spec_values(**DIT_GEOMETRY[model])), 1
     unet = build_unet(model, "meta")
     plan = find_plan(unet)
     x, t, kwargs = unet_inputs(model, 1, latent_h, latent_w, "meta")
@@ -105,13 +115,14 @@ def mode_windows(fractions: list[float], codecs: list[str] = (NONE,), codec_frac
     return out
 
 
-def comm_rows(cases: list[tuple[str, int]], band_counts: list[int], fractions: list[float], batch: int,
+def comm_rows(cases: list[tuple[str, int]], band_counts: list[int], fractions: list[float], batch_arg: int,
               element_size: int, codecs: list[str] = (NONE,), codec_fractions: list[float] = (0.3,),
               far_refresh: list[int] = ()) -> list[Row]:
     rows: list[Row] = []
     for model, pixels in cases:
         lat = pixels // VAE_FACTOR
         specs, levels = layer_specs(model, lat, lat)
+        batch = DIT_BATCH.get(model, batch_arg)
         for n in band_counts:
             bands = Bands.split(lat, lat, n, levels)
             counted = {}
@@ -204,14 +215,17 @@ def run(args: argparse.Namespace) -> int:
                 ("saving", "saving")],
          as_json=args.json, save=args.save, title="bench comm: bytes sent per device per step (analytic, exact)",
          notes=[f"one step = one model evaluation after warm-up, batch {args.batch} "
-                f"({'CFG cond+uncond batched' if args.batch == 2 else 'no CFG batching'}), "
+                f"({'CFG cond+uncond batched' if args.batch == 2 else 'no CFG batching'}; flux-dev: batch 1, "
+                "guidance-distilled), "
                 f"{args.element_size}-byte activations; max over devices; GroupNorm stats travel as fp32",
                 "warm-up steps (synchronous) send the whole-image amount, like distrifusion",
                 "counted by geometry.bytes_sent from the layers of a meta-tensor forward pass",
                 "[codec]: K/V rows and conv halos of the stale calls travel through that codec "
                 "(payload + float32 scales per batch item and channel); warm-up stays exact",
                 "far/N: pcpp also attends to the rest of the image from the receiver's copy, refreshed one "
-                "1/N slice per step (bytes: the worst step of the cycle)"])
+                "1/N slice per step (bytes: the worst step of the cycle)",
+                "flux-dev: joint attention per block: image K/V rows of the window, plus the text queries' "
+                "partial attention (256 tokens, output + fp32 log-sum-exp) to every other band"])
     if args.no_check:
         return 0
     checks = cross_check(args.check_size, parse_ints(args.check_bands), fractions, codecs=codecs,

@@ -9,6 +9,7 @@ import torch
 from pcpp_core import Bands, ConfigError, PatchConfig, bytes_sent
 from pcpp_core.plans_dit import flux_specs
 from pcpp_core.reference import masked_self_attention
+from pcpp_core.reference_dit import DitStaleReference
 from pcpp_testdit import dit_inputs, mini_flux
 
 pytestmark = pytest.mark.dist
@@ -81,6 +82,20 @@ def test_stale_calls_send_the_analytic_bytes(engines, flux, mode, fraction):
         torch.testing.assert_close(outs[2], whole, atol=ATOL, rtol=0)
     else:
         assert (outs[2] - whole).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["pcpp", "distrifusion"])
+def test_stale_calls_equal_the_dit_stale_reference(engines, flux, mode):
+    """After warm-up (other inputs every call), the workers' result equals reference_dit's simulation."""
+    engine, n = engines[3], 3
+    config = PatchConfig(mode=mode, fraction=0.3, warmup_steps=1)
+    engine.new_run(config)
+    ref = DitStaleReference(flux, n, config)
+    for i in range(3):
+        args, kwargs = dit_inputs(seed=10 + i)
+        out = engine(flux, *args, slot="s", step=i, **kwargs)
+        torch.testing.assert_close(out, ref(*args, slot="s", synchronous=i < 1, **kwargs), atol=ATOL, rtol=0)
+    assert (out - plain(flux, args, kwargs)).abs().max() > 1e-3  # stale, not fresh
 
 
 def test_control_and_reference_latents_are_refused(engines, flux):

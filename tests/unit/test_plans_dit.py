@@ -165,6 +165,30 @@ def test_stale_reference_refuses_dit_plans():
 
 
 def test_flux_specs_follow_the_blocks():
-    specs = flux_specs(mini_flux(), 5)
+    from pcpp_core import profile_layers
+
+    model = mini_flux()
+    args, kwargs = dit_inputs()  # 5 text tokens
+    specs = flux_specs(model, 5)
+    assert profile_layers(model, find_plan(model), *args, **kwargs) == specs
     assert [s.text for s in specs] == [5, 5, 5, 0]  # the last single block's text is dropped by the model
     assert {(s.kind, s.level, s.channels, s.heads) for s in specs} == {("joint", 1, 32, 2)}
+
+
+@pytest.mark.parametrize("mode, fraction", [("pcpp", 0.3), ("pcpp", 0.0), ("distrifusion", 0.3)])
+def test_stale_calls_equal_the_dit_stale_reference(mode, fraction):
+    """After warm-up each band's rows equal reference_dit's per-band simulation (other inputs every call)."""
+    from pcpp_core.reference_dit import DitStaleReference
+
+    torch.set_num_threads(1)
+    model = mini_flux()
+    config = PatchConfig(mode=mode, fraction=fraction, warmup_steps=1)
+    calls = [dit_inputs(seed=s) for s in range(3)]
+    outs, _ = _run_bands(model, 3, config, calls, "double_blocks.0")
+    ref = DitStaleReference(model, 3, config)
+    for i, (args, kwargs) in enumerate(calls):
+        want = ref(*args, slot="s", synchronous=i < 1, **kwargs)
+        got = torch.cat([outs[r][i] for r in range(3)], dim=2)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (got - model(*calls[2][0], **calls[2][1])).abs().max() > 1e-3  # stale really differs from fresh
