@@ -2,15 +2,20 @@
 
 Latent 20 x 12 (10 x 6 patches, an 80 x 48 image): 3 bands are 3/3/4 patch rows, 4 bands 2/2/3/3.
 sync equals one process; fresh pcpp equals the masked single-process reference; bytes are the
-analytic count (4 condition tokens). The engines are tests/dist/conftest.py's, shared with test_dit.py.
+analytic count (4 condition tokens); stale pcpp equals reference_dit's simulation; a short sampling
+run orders the modes as bench quality does. The engines are tests/dist/conftest.py's, shared with
+test_dit.py.
 """
 import pytest
 import torch
 
 from pcpp_core import Bands, PatchConfig, bytes_sent
+from pcpp_core.bench.quality import psnr_db
+from pcpp_core.demo_models import load_demo_model
 from pcpp_core.plans import find_plan
 from pcpp_core.plans_dit import flux_specs
 from pcpp_core.reference import masked_self_attention
+from pcpp_core.reference_dit import DitStaleReference
 from pcpp_core.tiny_dit import load_tiny_dit
 
 pytestmark = pytest.mark.dist
@@ -69,3 +74,34 @@ def test_fresh_pcpp_equals_masked_single_process(engines, dit, fraction):
     if fraction < 1.0:
         assert (out - plain(model, args, kwargs)).abs().max() > 1e-4
     assert engine.stats.calls[-1].bytes_sent == expected_bytes(model, args[0], n, fraction)
+
+
+def test_stale_pcpp_equals_the_dit_stale_reference(engines, dit):
+    """After warm-up (other inputs every call) the trained model on workers equals reference_dit's simulation."""
+    model, emb = dit
+    engine, n = engines[3], 3
+    config = PatchConfig(mode="pcpp", fraction=0.3, warmup_steps=1)
+    engine.new_run(config)
+    ref = DitStaleReference(model, n, config)
+    for i in range(3):
+        args, kwargs = inputs(emb, seed=10 + i)
+        out = engine(model, *args, slot="s", step=i, **kwargs)
+        torch.testing.assert_close(out, ref(*args, slot="s", synchronous=i < 1, **kwargs), atol=ATOL, rtol=0)
+    assert (out - plain(model, args, kwargs)).abs().max() > 1e-3  # stale, not fresh
+
+
+def test_sampling_runs_order_the_modes(engines):
+    """bench quality's measurement, short: naive < pcpp(0.3) <= distrifusion < sync in PSNR against one
+    process (README's table has the 20-step run)."""
+    m = load_demo_model("dit")
+    ids, steps, warmup = [0, 5], 8, 2
+    noise = m.noise(len(ids), 64, 0)
+    ref = m.decode(m.sample(m.plain(), m.emb[ids], noise, steps, 3.0))
+    engine = engines[2]
+    db = {}
+    for mode in ("sync", "pcpp", "distrifusion", "naive"):
+        engine.new_run(PatchConfig(mode=mode, fraction=0.3, warmup_steps=warmup))
+        out = m.decode(m.sample(m.on(engine), m.emb[ids], noise, steps, 3.0))
+        db[mode] = min(psnr_db(out[i], ref[i]) for i in range(len(ids)))
+    assert db["naive"] < db["pcpp"] <= db["distrifusion"] < db["sync"], db
+    assert db["sync"] > 80, db  # one process up to round-off
