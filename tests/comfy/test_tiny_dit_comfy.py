@@ -15,7 +15,11 @@ def test_tiny_dit_weights_run_in_comfy_flux(comfy):
 
     ours, emb = load_tiny_dit()
     flux = Flux(operations=comfy.ops.disable_weight_init, **json.loads((ASSET / "config.json").read_text()))
-    flux.load_state_dict(ours.state_dict(), strict=True)
+    sd = ours.state_dict()
+    if any(k.endswith("_norm.scale") for k in flux.state_dict()):  # 0.8.0: RMSNorm's parameter is `scale`
+        # (BFL's file naming, which 0.33's loader renames to `weight` in Flux.process_unet_state_dict)
+        sd = {k.removesuffix(".weight") + ".scale" if k.endswith("_norm.weight") else k: v for k, v in sd.items()}
+    flux.load_state_dict(sd, strict=True)
     flux.eval()
     x = torch.randn(2, 48, 10, 14, generator=torch.Generator().manual_seed(0))  # 5 x 7 patches
     t, c = torch.tensor([0.25, 0.75]), emb[[3, 12]]
