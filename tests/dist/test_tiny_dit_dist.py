@@ -3,14 +3,17 @@
 Latent 20 x 12 (10 x 6 patches, an 80 x 48 image): 3 bands are 3/3/4 patch rows, 4 bands 2/2/3/3.
 sync equals one process; fresh pcpp equals the masked single-process reference; bytes are the
 analytic count (4 condition tokens); stale pcpp equals reference_dit's simulation; a short sampling
-run orders the modes as bench quality does. The engines are tests/dist/conftest.py's, shared with
-test_dit.py.
+run orders the modes as bench quality does; the demo draws with it. The engines are
+tests/dist/conftest.py's, shared with test_dit.py (the demo starts its own pool, as users run it).
 """
+import json
+
 import pytest
 import torch
 
 from pcpp_core import Bands, PatchConfig, bytes_sent
 from pcpp_core.bench.quality import psnr_db
+from pcpp_core.demo import main as demo_main
 from pcpp_core.demo_models import load_demo_model
 from pcpp_core.plans import find_plan
 from pcpp_core.plans_dit import flux_specs
@@ -105,3 +108,14 @@ def test_sampling_runs_order_the_modes(engines):
         db[mode] = min(psnr_db(out[i], ref[i]) for i in range(len(ids)))
     assert db["naive"] < db["pcpp"] <= db["distrifusion"] < db["sync"], db
     assert db["sync"] > 80, db  # one process up to round-off
+
+
+def test_demo_draws_with_the_tiny_dit(tmp_path, capsys):
+    """`python -m pcpp_core demo --model dit`: the parallel picture (sync) is the one-process picture."""
+    out = tmp_path / "demo.png"
+    assert demo_main(["--model", "dit", "--mode", "sync", "--size", "32", "--steps", "3", "--image", "coffee",
+                      "--json", "--out", str(out)]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["model"] == "pcpp-tiny-dit" and r["bands"] == 2 and r["size"] == 32
+    assert r["max_abs"] < 1e-4 and r["bytes_per_step"] > 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
