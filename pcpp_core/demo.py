@@ -1,7 +1,7 @@
 """The main job: one picture from the built-in model, on one process and on CPU workers.
 
-    python -m pcpp_core demo [--devices cpu:2] [--mode pcpp] [--fraction 0.3] [--size 64]
-                             [--steps 20] [--json] [--out out/demo.png]
+    python -m pcpp_core demo [--model unet|dit] [--devices cpu:2] [--mode pcpp] [--fraction 0.3]
+                             [--size 64] [--steps 20] [--json] [--out out/demo.png]
 
 Prints the single-process and parallel sampling time, bytes sent per step and the deviation
 of the parallel result from the single-process one, and writes both images side by side.
@@ -21,17 +21,19 @@ import torch
 from .config import Mode, PatchConfig, PoolConfig, parse_devices
 from .engine import Engine
 from .errors import PCPPError
-from .sampling import cfg_eps, euler_sample
-from .tiny_model import NAMES, NULL_ID, load_tiny_unet
+from .demo_models import MODELS, load_demo_model
+from .tiny_model import NAMES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pcpp_core demo", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="unet", choices=MODELS,
+                   help="built-in model: unet (pcpp-tiny-unet) or dit (pcpp-tiny-dit, ComfyUI's Flux layout)")
     p.add_argument("--devices", default="cpu:2", help="cpu:N, auto (all CUDA GPUs) or cuda:0,cuda:1")
     p.add_argument("--mode", default="pcpp", choices=[m.value for m in Mode])
     p.add_argument("--fraction", type=float, default=0.3, help="neighbour rows in band heights (pcpp)")
     p.add_argument("--warmup", type=int, default=4, help="synchronous warm-up steps")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels (the model works in pixel space)")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (unet: pixel space; dit: a multiple of 8)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--image", default="astronaut", choices=NAMES, help="which training image to draw")
@@ -64,29 +66,29 @@ def main(argv: list[str]) -> int:
     except PCPPError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    unet, emb, alphas = load_tiny_unet()
+    model = load_demo_model(a.model)
     image_id = NAMES.index(a.image)
-    cond, uncond = emb[image_id:image_id + 1], emb[NULL_ID:NULL_ID + 1]
-    noise = torch.randn(1, 3, a.size, a.size, generator=torch.Generator().manual_seed(a.seed))
+    cond = model.emb[image_id:image_id + 1]
+    try:
+        noise = model.noise(1, a.size, a.seed)
+    except PCPPError as e:
+        print(f"error: --{e}", file=sys.stderr)
+        return 2
 
     # one process, all cores
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    single = cfg_eps(lambda x, t, c, **_: unet(x, t, encoder_hidden_states=c).sample, cond, uncond, a.cfg)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        ref = euler_sample(single, noise, alphas, a.steps)
+    ref = model.decode(model.sample(model.plain(), cond, noise, a.steps, a.cfg))
     t_single = time.perf_counter() - t0
 
     engine = Engine(pool)
     try:
         t0 = time.perf_counter()
-        engine.load(unet)  # start the pool and send the weights once (not part of a step)
+        engine.load(model.module)  # start the pool and send the weights once (not part of a step)
         t_start = time.perf_counter() - t0
         engine.new_run(patch)
-        parallel = cfg_eps(lambda x, t, c, **call: engine(unet, x, t, encoder_hidden_states=c, batch_chunks=2, **call),
-                           cond, uncond, a.cfg)
         t0 = time.perf_counter()
-        out = euler_sample(parallel, noise, alphas, a.steps)
+        out = model.decode(model.sample(model.on(engine), cond, noise, a.steps, a.cfg))
         t_parallel = time.perf_counter() - t0
         summary = engine.stats.summary()
     except PCPPError as e:
@@ -97,7 +99,7 @@ def main(argv: list[str]) -> int:
 
     save_side_by_side(a.out, [ref, out, (out - ref) * 4])
     result = {
-        "mode": patch.mode.value, "fraction": patch.fraction, "devices": list(pool.devices),
+        "model": model.name, "mode": patch.mode.value, "fraction": patch.fraction, "devices": list(pool.devices),
         "bands": summary["bands"], "size": a.size, "steps": a.steps, "image": a.image,
         "single_s": round(t_single, 3), "parallel_s": round(t_parallel, 3),
         "speedup": round(t_single / t_parallel, 3), "pool_start_and_load_s": round(t_start, 3),
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> int:
     if a.json:
         print(json.dumps(result))
         return 0
-    print(f"PCPP demo: {a.image}, {a.size}x{a.size} px, {a.steps} Euler steps, CFG {a.cfg}, "
+    print(f"PCPP demo: {model.name}, {a.image}, {a.size}x{a.size} px, {a.steps} Euler steps, CFG {a.cfg}, "
           f"{len(pool.devices)} x {pool.devices[0]} ({result['bands']} bands), mode {patch.mode.value}"
           + (f", fraction {patch.fraction:g}" if patch.mode is Mode.PCPP else ""))
     print(f"  one process ({result['threads']['single']} threads): {t_single:8.2f} s")

@@ -1,4 +1,4 @@
-"""A minimal Euler sampler for epsilon-prediction models (k-diffusion parameterisation).
+"""Minimal Euler samplers: epsilon prediction (k-diffusion parameterisation) and rectified flow.
 
 Used by the demo, the quality benchmark and the end-to-end tests, so that one process and
 the engine are driven by exactly the same loop; ComfyUI users get ComfyUI's own samplers.
@@ -38,6 +38,31 @@ def euler_sample(eps_fn: EpsFn, noise: torch.Tensor, alphas_cumprod: torch.Tenso
         slot, step = tracker.evaluation("eps", float(s))
         eps = eps_fn(x / (s * s + 1).sqrt(), ts[i].expand(x.shape[0]), slot=slot, step=step)
         x = x + (sigmas[i + 1] - s) * eps
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def flow_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Rectified-flow sigmas [steps+1] from 1 to 0, time-shifted as ComfyUI's ModelSamplingFlux/SD3."""
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+def flow_sample(v_fn: EpsFn, noise: torch.Tensor, steps: int, shift: float = 1.0,
+                callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Euler for velocity models (Flux, the tiny DiT): x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, sigma_i).
+
+    x_sigma = (1 - sigma) x_0 + sigma * noise and v = noise - x_0; the model gets sigma as its timestep.
+    `v_fn` gets `slot` and `step` as in `euler_sample`.
+    """
+    sigmas = flow_schedule(steps, shift)
+    tracker = SlotTracker(sigmas.tolist())
+    x = noise
+    for i in range(steps):
+        s = sigmas[i]
+        slot, step = tracker.evaluation("eps", float(s))
+        x = x + (sigmas[i + 1] - s) * v_fn(x, s.expand(x.shape[0]), slot=slot, step=step)
         if callback is not None:
             callback(i, x)
     return x

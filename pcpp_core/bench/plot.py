@@ -113,7 +113,7 @@ def plot_quality(plt: Any, rows: list[Row], path: str) -> None:
                 ax.axhline(r["psnr_db"], color=color, ls=style, lw=1, label=f"{r['mode']} {px}px {n} bands")
     ax.set_xlabel("pcpp fraction f")
     ax.set_ylabel("PSNR vs one process (dB)")
-    ax.set_title("Final-sample fidelity (tiny trained model; sync is exact)")
+    ax.set_title(f"Final-sample fidelity ({rows[0].get('model', 'tiny trained model')}; sync is exact)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     _save(fig, plt, path)
@@ -195,6 +195,16 @@ CHARTS = {"comm": plot_comm, "speed": plot_speed, "quality": plot_quality, "mode
 DERIVED = {"codecs": ("quality", plot_codecs)}  # more charts from another part's rows
 
 
+def _by_model(rows: list[Row]) -> dict[str, list[Row]]:
+    """Quality rows by chart suffix: "" for the tiny UNet (and rows without a model, from older
+    files), "_dit" for pcpp-tiny-dit, so the two models' PSNRs are never drawn as one curve."""
+    out: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        model = r.get("model") or "pcpp-tiny-unet"
+        out["" if model == "pcpp-tiny-unet" else "_" + model.removeprefix("pcpp-tiny-")].append(r)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     plt = _pyplot()
     rows = load_rows(args.inputs)
@@ -206,20 +216,24 @@ def run(args: argparse.Namespace) -> int:
 
         cases = [(m, int(px)) for m, _, px in (c.partition(":") for c in DEFAULT_CASES.split(","))]
         by_bench["comm"] = comm_rows(cases, [2, 4, 8], [0.1, 0.3, 0.5, 1.0], 2, 2)
+    parts = {name: {"": by_bench[name]} for name in CHARTS}  # chart -> file suffix -> rows
+    parts["quality"] = _by_model(by_bench["quality"])
     os.makedirs(args.out, exist_ok=True)
     written: list[tuple[str, str]] = []
     for name, chart in CHARTS.items():
-        if not by_bench[name]:
+        if not any(parts[name].values()):
             log.warning("no %s rows given: %s chart skipped", name, name)
-            continue
-        path = os.path.join(args.out, f"{name}.png")
-        chart(plt, by_bench[name], path)
-        written.append((name, path))
+        for suffix, sub in parts[name].items():
+            if sub:
+                path = os.path.join(args.out, f"{name}{suffix}.png")
+                chart(plt, sub, path)
+                written.append((name + suffix, path))
     for name, (source, chart) in DERIVED.items():
-        if any(r.get("compress", "none") != "none" for r in by_bench[source]):
-            path = os.path.join(args.out, f"{name}.png")
-            chart(plt, by_bench[source], path)
-            written.append((name, path))
+        for suffix, sub in parts[source].items():
+            if any(r.get("compress", "none") != "none" for r in sub):
+                path = os.path.join(args.out, f"{name}{suffix}.png")
+                chart(plt, sub, path)
+                written.append((name + suffix, path))
     for name, path in written:
         print(json.dumps({"bench": "plot", "chart": name, "path": path}) if args.json else f"wrote {path}")
     return 0

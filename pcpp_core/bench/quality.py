@@ -19,7 +19,7 @@ import torch
 from ..codecs import NONE, codec_names
 from ..config import PoolConfig
 from ..engine import Engine
-from ..sampling import cfg_eps, euler_sample
+from ..demo_models import DemoModel, load_demo_model
 from .comm import Variant, parse_codecs
 from .common import Row, base_row, emit, parse_floats, parse_ints
 
@@ -29,7 +29,9 @@ PSNR_CAP_DB = 120.0  # identical samples would be infinite; JSON has no infinity
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default="64,128", help="square image sizes (the tiny model works in pixel space)")
+    p.add_argument("--models", default="unet", help="built-in models, comma-separated: unet (pcpp-tiny-unet, "
+                   "pixel space), dit (pcpp-tiny-dit, ComfyUI's Flux layout; sizes multiple of 8)")
+    p.add_argument("--sizes", default="64,128", help="square image sizes in pixels")
     p.add_argument("--bands", default="2,4", help="worker (band) counts")
     p.add_argument("--modes", default="sync,pcpp,distrifusion,naive")
     p.add_argument("--fractions", default="0.1,0.3,0.5,1.0", help="pcpp fractions")
@@ -51,12 +53,10 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(4.0 / mse))
 
 
-def sample(model_fn: Callable[..., torch.Tensor], cond: torch.Tensor,
-           null: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
-    """The final sample x_0 [n, C, H, W] of one Euler run with CFG batched as [cond; uncond]."""
-    uncond = null.expand_as(cond)
-    with torch.inference_mode():
-        return euler_sample(cfg_eps(model_fn, cond, uncond, args.cfg), noise, alphas, args.steps)
+def sample(model: DemoModel, model_fn: Callable[..., torch.Tensor], cond: torch.Tensor, noise: torch.Tensor,
+           args: argparse.Namespace) -> torch.Tensor:
+    """The final image [n, 3, H, W] of one Euler run with CFG batched as [cond; uncond]."""
+    return model.decode(model.sample(model_fn, cond, noise, args.steps, args.cfg))
 
 
 def _modes(args: argparse.Namespace) -> list[Variant]:
@@ -79,48 +79,43 @@ def _modes(args: argparse.Namespace) -> list[Variant]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tiny_model import NULL_ID, load_tiny_unet
-
-    unet, emb, alphas = load_tiny_unet()
+    models = [load_demo_model(m.strip()) for m in args.models.split(",") if m.strip()]
     ids = parse_ints(args.ids)
-    cond, null = emb[ids], emb[NULL_ID:NULL_ID + 1]  # [n, 4, 64], [1, 4, 64]
-    plain = lambda x, t, c, **_: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
     modes = _modes(args)
     sizes, band_counts = parse_ints(args.sizes), parse_ints(args.bands)
-    noises = {s: torch.randn(len(ids), unet.config.in_channels, s, s, generator=torch.Generator().manual_seed(args.seed))
-              for s in sizes}
-    refs = {s: sample(plain, cond, null, noises[s], alphas, args) for s in sizes}
+    noises = {(m.name, s): m.noise(len(ids), s, args.seed) for m in models for s in sizes}
+    refs = {(m.name, s): sample(m, m.plain(), m.emb[ids], noises[m.name, s], args) for m in models for s in sizes}
     rows: list[Row] = []
     for n in band_counts:
         engine = Engine(PoolConfig(devices=("cpu",) * n, threads_per_worker=1))
         try:
-            for s in sizes:
-                outs = {}
+            for m, s in ((m, s) for m in models for s in sizes):
+                outs, ref = {}, refs[m.name, s]
                 for v in modes:
                     t0 = time.perf_counter()
                     engine.new_run(v.patch(args.warmup))
-                    fn = lambda x, t, c, **call: engine(unet, x, t, encoder_hidden_states=c, batch_chunks=2, **call)  # noqa: E731
-                    out = outs[v] = sample(fn, cond, null, noises[s], alphas, args)
-                    per_image = [psnr_db(out[i], refs[s][i]) for i in range(len(ids))]
+                    out = outs[v] = sample(m, m.on(engine), m.emb[ids], noises[m.name, s], args)
+                    per_image = [psnr_db(out[i], ref[i]) for i in range(len(ids))]
                     rows.append(base_row(
-                        "quality", v.mode, v.fraction, n, s, s, model="pcpp-tiny-unet", compress=v.codec,
+                        "quality", v.mode, v.fraction, n, s, s, model=m.name, compress=v.codec,
                         far_refresh=v.far, steps=args.steps,
                         warmup=args.warmup, cfg=args.cfg, ids=ids, seed=args.seed,
                         psnr_db=sum(per_image) / len(per_image), psnr_db_min=min(per_image),
-                        max_abs=(out - refs[s]).abs().max().item(),
+                        max_abs=(out - ref).abs().max().item(),
                         bytes_per_step=engine.stats.summary()["bytes_per_call"],
                         _label=v.label))
-                    log.info("%d bands %dpx %s: %.1f dB in %.1f s", n, s, v.label,
+                    log.info("%s %d bands %dpx %s: %.1f dB in %.1f s", m.name, n, s, v.label,
                              rows[-1]["psnr_db"], time.perf_counter() - t0)
                 if args.images:
-                    save_grid(os.path.join(args.images, f"quality_{s}px_{n}bands.png"), refs[s], outs, ids)
+                    tag = "" if m.name == "pcpp-tiny-unet" else "dit_"
+                    save_grid(os.path.join(args.images, f"quality_{tag}{s}px_{n}bands.png"), ref, outs, ids)
         finally:
             engine.shutdown()
-    emit(rows, [("pixels", "height"), ("bands", "bands"), ("mode", "label"), ("PSNR dB (mean)", "psnr_db"),
+    emit(rows, [("model", "model"), ("pixels", "height"), ("bands", "bands"), ("mode", "label"), ("PSNR dB (mean)", "psnr_db"),
                 ("PSNR dB (worst)", "psnr_db_min"), ("max abs", "max_abs"), ("bytes/step", "bytes_per_step")],
          as_json=args.json, save=args.save,
          title="bench quality: final sample vs the one-process sample (same seed, same sampler)",
-         notes=[f"bundled tiny trained model (pixel space), {args.steps} Euler steps, CFG {args.cfg:g} batched "
+         notes=[f"bundled tiny trained models ({args.models}), {args.steps} Euler steps, CFG {args.cfg:g} batched "
                 f"[cond; uncond], {args.warmup} synchronous warm-up steps, images {ids} sampled as one batch, "
                 f"seed {args.seed}",
                 f"PSNR on [-1, 1] images (peak-to-peak 2), mean and worst over the images, capped at "

@@ -82,6 +82,10 @@ def test_plot_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
         {"bench": "quality", "mode": m, "fraction": f, "bands": 2, "height": 64, "width": 64, "psnr_db": p}
         for m, f, p in [("pcpp", 0.1, 20.0), ("pcpp", 0.3, 24.0), ("distrifusion", None, 26.0), ("naive", None, 15.0)]
     ] + [
+        {"bench": "quality", "mode": m, "fraction": f, "bands": 2, "height": 64, "width": 64, "psnr_db": p,
+         "model": "pcpp-tiny-dit"}
+        for m, f, p in [("pcpp", 0.3, 28.0), ("distrifusion", None, 41.0)]
+    ] + [
         {"bench": "comm", "mode": m, "fraction": f, "bands": 2, "height": 512, "width": 512, "model": "sd15",
          "bytes_per_step": v}
         for m, f, v in [("pcpp", 0.3, 2e7), ("pcpp", 1.0, 5e7), ("distrifusion", None, 5e7), ("naive", None, 0)]
@@ -90,7 +94,7 @@ def test_plot_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json, a captured table line\n")
     out = tmp_path / "charts"
     assert main(["plot", str(src), "--out", str(out)]) == 0
-    for name in ("comm", "speed", "quality"):
+    for name in ("comm", "speed", "quality", "quality_dit"):  # each model's quality rows on their own chart
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not (out / "model.png").exists()  # no model rows given: skipped, not invented
