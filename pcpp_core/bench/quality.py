@@ -129,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
                 f"PSNR on [-1, 1] images (peak-to-peak 2), mean and worst over the images, capped at "
                 f"{PSNR_CAP_DB:g} dB; max abs = largest pixel difference (range 2)",
                 "sync must match one process up to float round-off; naive shows the seams",
-                "[codec]: stale calls exchange through that codec; bytes/step = max over workers, fp32 model"])
+                "[codec]: stale calls exchange through that codec; bytes/step = max over workers, fp32 model",
+                "far/N: pcpp also attends to the rest of the image, each attention layer's copy refreshed every "
+                "N steps; poolP: those far rows travel as the change of P-column means (residual codecs)"])
     return 0
 
 
