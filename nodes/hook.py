@@ -31,7 +31,8 @@ from pcpp_core import (BandSizeError, ConfigError, Engine, Mode, PatchConfig, Po
 from pcpp_core.staging import install_cleanup
 from pcpp_core.limits import HostLimits
 from pcpp_core.slots import SlotTracker
-from pcpp_core.codecs import codec_names
+from pcpp_core.codecs import codec_names, get_codec
+from pcpp_core.config import RESIDUAL_FAR_POOL
 
 from . import delivery, routing
 from .options import ARGS_ENV, HOOK_KEY, RUN_KEY, split_transformer_options, unsupported_kwargs
@@ -84,10 +85,17 @@ class PCPPSettings:
     def off(self) -> bool:
         return self.mode == "off"
 
+    @property
+    def far_pool(self) -> int:
+        """Columns per far token: pooled with a residual codec (the far rows' change is smooth;
+        see RESIDUAL_FAR_POOL), full resolution otherwise. Not a node input: one knob fewer."""
+        far = self.mode == "pcpp" and self.far_refresh > 0
+        return RESIDUAL_FAR_POOL if far and get_codec(self.exchange).residual else 1
+
     def patch_config(self) -> PatchConfig:
         return PatchConfig(mode=self.mode, fraction=float(self.neighbour_fraction),
                            warmup_steps=self.warmup_steps, cfg_split=self.cfg_split, compress=self.exchange,
-                           far_refresh=self.far_refresh if self.mode == "pcpp" else 0)
+                           far_refresh=self.far_refresh if self.mode == "pcpp" else 0, far_pool=self.far_pool)
 
 
 def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
@@ -244,6 +252,7 @@ class RunState:
         stats["partial"] = self.partial()
         stats["exchange"] = self.settings.exchange
         stats["far_refresh"] = self.settings.far_refresh
+        stats["far_pool"] = self.settings.far_pool
         return stats
 
 

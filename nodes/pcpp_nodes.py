@@ -62,9 +62,11 @@ def engine_inputs() -> list[io.Input]:
                                "steps always travel exact."),
         io.Int.Input("far_refresh", default=0, min=0, max=64, optional=True,
                      tooltip="pcpp only. 0: attention sees the neighbour window only. N > 0: it also sees "
-                             "the rest of the image from each device's copy, refreshed one 1/N slice per "
-                             "step: close to distrifusion's image for fewer bytes (4 with residual-2bit: "
-                             "within 0.5 dB of distrifusion at about 7% of its bytes)."),
+                             "the rest of the image from each device's copy, each attention layer's copy "
+                             "refreshed every N steps: close to distrifusion's image for fewer bytes. With "
+                             "a residual exchange the far rows travel as the change of 16-column means: "
+                             "2 with residual-2bit is within 0.5 dB of distrifusion at about 4% of its "
+                             "bytes (SDXL, 4 GPUs)."),
     ]
 
 
@@ -151,7 +153,7 @@ def off_stats(settings: PCPPSettings, samples: torch.Tensor) -> dict[str, Any]:
             "calls": 0, "seconds_per_call": 0.0, "bytes_per_call": 0, "bytes_per_call_warmup": 0,
             "height": int(samples.shape[-2]), "width": int(samples.shape[-1]), "fallback": None,
             "partial": None, "model_bytes_sent": 0, "weights_on": [], "exchange": settings.exchange,
-            "far_refresh": settings.far_refresh}
+            "far_refresh": settings.far_refresh, "far_pool": settings.far_pool}
 
 
 class PCPPParallelModel(io.ComfyNode):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .codecs import NONE, Baselines, Codec, get_codec
+from .codecs import NONE, Baselines, Codec, Fold, get_codec
 from .geometry import Bands
 
 log = logging.getLogger("pcpp.exchange")
@@ -36,8 +36,10 @@ class CallState:
     window: float | None  # attention window in band heights; None = whole image
     exchange: bool = True  # False in naive mode: nothing is sent, borders are zero, stats local
     compress: str = NONE  # codec of the stale (asynchronous) calls; synchronous calls travel exact
-    far_refresh: int = 0  # pcpp far context: rows outside the window held by the receiver, refreshed 1/n per call
-    index: int = 0  # this call's index in its slot (picks the far slice)
+    far_refresh: int = 0  # pcpp far context: rows outside the window held by the receiver, each
+    #                       attention layer's refreshed once every far_refresh calls (geometry.far_due)
+    far_pool: int = 1  # far rows travel as means of this many columns (residual codecs)
+    index: int = 0  # this call's index in its slot (picks the layers that refresh their far rows)
 
 
 @dataclass
@@ -106,12 +108,19 @@ class Exchange:
     _inflight: dict[tuple[int, str], _Inflight] = field(default_factory=dict)
     _occurrence: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _tags: dict[str, int] = field(default_factory=dict)
+    _attention: int = 0  # attention layers seen in this call (geometry.far_due staggers over them)
     baselines: Baselines = field(default_factory=Baselines)  # residual codecs' state, per run
 
     def begin(self, call: CallState, transport: Transport | None) -> None:
         self.call, self.transport = call, transport
         self.bytes_sent = 0
+        self._attention = 0
         self._occurrence.clear()
+
+    def attention_ordinal(self) -> int:
+        """Index of the calling attention layer in this call's forward pass (counts each call)."""
+        self._attention += 1
+        return self._attention - 1
 
     def end(self) -> int:
         self.call = None
@@ -152,6 +161,8 @@ class Exchange:
         recv_rows: dict[int, Sequence[int]] | None = None,
         spans: dict[int, Rows] | None = None,
         hold: bool = False,
+        send_far: dict[int, Sequence[int]] | None = None,
+        recv_far: dict[int, Sequence[int]] | None = None,
     ) -> dict[int, Piece]:
         """Send `sends[band]` to each band; return, per band in `recvs`, its data for this call.
 
@@ -161,7 +172,8 @@ class Exchange:
         `channel_dim` marks the data compressible by the run's codec (scales per channel);
         `send_rows`/`recv_rows` name the image rows (dim 1) of each send/receive and `spans[band]`
         each band's rows, for the baselines; `hold`: the receiver keeps each band's whole span
-        and returns it (pcpp's far context), the rows that arrive updating it.
+        and returns it (pcpp's far context), the rows that arrive updating it; `send_far`/
+        `recv_far`: which of those rows are far rows, pooled by the call's `far_pool`.
         `sends[own band]` (raw data only) never travels: it comes back under the own band with the
         others, fresh or from the previous call alike, so every band can combine the same pieces
         (the DiT text stream, layers/joint.py).
@@ -176,7 +188,8 @@ class Exchange:
         own = sends.pop(call.band, None)  # loopback: kept, and returned with the same freshness as the rest
         codec = None if channel_dim is None or (call.compress == NONE and not hold) else get_codec(call.compress)
         assert own is None or codec is None, "a loopback send travels raw"
-        rows = _RowInfo(call.band, send_rows or {}, recv_rows or {}, spans or {}, hold)
+        rows = _RowInfo(call.band, send_rows or {}, recv_rows or {}, spans or {}, hold, send_far or {},
+                        recv_far or {}, call.far_pool)
         wire, buffers, decode = self._codec_hook(codec, key, sends, recvs, dtype, device, channel_dim, rows)
         works = self.transport(wire, buffers, tag)
         self.bytes_sent += sum(t.numel() * t.element_size() for t in wire.values())
@@ -190,8 +203,18 @@ class Exchange:
         if call.synchronous or previous is None:
             if previous is not None:
                 previous.wait()
-            return fresh.received()
-        return previous.received()  # arrived during the previous call of this slot; never blocks this call's sends
+            return self._with_held(key, fresh.received(), rows)
+        # arrived during the previous call of this slot; never blocks this call's sends
+        return self._with_held(key, previous.received(), rows)
+
+    def _with_held(self, key: tuple[int, str], got: dict[int, Piece], rows: "_RowInfo") -> dict[int, Piece]:
+        """With `hold`, also the held span of every band that sent nothing this time (a far
+        context not due for refresh): what the receiver holds is this call's view of it."""
+        if not rows.hold:
+            return got
+        more = {b: Piece(t, rows.span(b)) for b in rows.spans if b != rows.band and b not in got
+                for t in [self.baselines.held((key, b, "rx"))] if t is not None}
+        return {**got, **more} if more else got
 
     def _codec_hook(self, codec: Codec | None, key: tuple[int, str], sends: dict[int, torch.Tensor],
                     recvs: dict[int, tuple[tuple[int, ...], Rows]], dtype: torch.dtype, device: torch.device,
@@ -213,13 +236,16 @@ class Exchange:
             for b, t in sends.items() if codec.residual else ():  # the sender's copy of a residual baseline
                 base.remember((key, b, "tx"), t, rows.span(rows.band))
             return sends, raw, lambda b, t: base.remember((key, b, "rx"), t, rows.span(b))
-        wire = {b: base.encode(codec, (key, b, "tx"), t, rows.sent(b), rows.span(rows.band), channel_dim)
+        wire = {b: base.encode(codec, (key, b, "tx"), t, rows.sent(b), rows.span(rows.band), channel_dim,
+                               rows.fold(rows.sent(b), rows.send_far.get(b)))
                 for b, t in sends.items()}
         size = dtype.itemsize
-        buffers = {b: torch.empty(codec.nbytes(shape, channel_dim, size), dtype=torch.uint8, device=device)
+        folds = {b: rows.fold(rows.received(b), rows.recv_far.get(b)) for b in recvs}
+        buffers = {b: torch.empty(codec.nbytes(folds[b].shape(shape) if folds[b] else shape, channel_dim, size),
+                                  dtype=torch.uint8, device=device)
                    for b, (shape, _) in recvs.items()}
         return wire, buffers, lambda b, t: base.decode(codec, (key, b, "rx"), t, recvs[b][0], rows.received(b),
-                                                       rows.span(b), channel_dim, dtype, rows.hold)
+                                                       rows.span(b), channel_dim, dtype, rows.hold, folds[b])
 
 
 @dataclass(frozen=True)
@@ -231,6 +257,16 @@ class _RowInfo:
     recv: dict[int, Sequence[int]]
     spans: dict[int, Rows]
     hold: bool
+    send_far: dict[int, Sequence[int]]
+    recv_far: dict[int, Sequence[int]]
+    pool: int
+
+    def fold(self, rows: Sequence[int] | None, far: Sequence[int] | None) -> Fold | None:
+        """How a send of image rows `rows` travels when `far` of them are far rows (None: as is)."""
+        if self.pool <= 1 or not rows or not far:
+            return None
+        far = set(far)
+        return Fold(tuple(i for i, r in enumerate(rows) if r in far), self.pool)
 
     def span(self, band: int) -> Rows:
         return self.spans.get(band, (0, 0))

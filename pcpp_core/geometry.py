@@ -93,24 +93,22 @@ class Bands:
         lo, hi = max(w0, s0), min(w1, s1)
         return (lo, hi) if lo < hi else (0, 0)
 
-    def sent_rows(self, dst: int, src: int, level: int, fraction: float | None, far_refresh: int = 0,
-                  step: int = 0) -> tuple[int, ...]:
+    def sent_rows(self, dst: int, src: int, level: int, fraction: float | None,
+                  far: bool = False) -> tuple[int, ...]:
         """Image rows of band `src` that travel to band `dst` in one stale call (sorted).
 
-        Without `far_refresh`: the rows `dst`'s window needs. With it (pcpp's far context), also
-        one of `far_refresh` equal slices of the rest of `src`'s band, slice `step % far_refresh`:
-        every row of the band is refreshed at least once in `far_refresh` steps.
+        The rows `dst`'s window needs; with `far` (pcpp's far context, on the calls where this
+        layer refreshes it, see `far_due`) also every other row of `src`'s band.
         """
         lo, hi = self.needed(dst, src, level, fraction)
-        near = range(lo, hi)
-        if not far_refresh or dst == src:
-            return tuple(near)
-        s0, s1 = self.rows(src, level)
-        far = [r for r in range(s0, s1) if not lo <= r < hi]
-        n = min(far_refresh, len(far)) or 1  # never an empty slice while far rows remain
-        c = step % n
-        chunk = far[c * len(far) // n: (c + 1) * len(far) // n]
-        return tuple(sorted([*near, *chunk]))
+        if not far or dst == src:
+            return tuple(range(lo, hi))
+        return tuple(range(*self.rows(src, level)))
+
+    def far_rows(self, dst: int, src: int, level: int, fraction: float | None) -> tuple[int, ...]:
+        """The rows of `src`'s band outside `dst`'s window: its far context from `src`."""
+        lo, hi = self.needed(dst, src, level, fraction)
+        return tuple(r for r in range(*self.rows(src, level)) if not lo <= r < hi) if dst != src else ()
 
     def level_of_tokens(self, band: int, tokens: int) -> int:
         """The level whose band shape holds `tokens` tokens (attention sees [B, tokens, C])."""
@@ -123,6 +121,26 @@ class Bands:
             f"({self.bounds[band + 1] - self.bounds[band]}x{self.width} at level 0); "
             "the model reshapes tokens in a way the engine does not know"
         )
+
+
+def far_due(ordinal: int, step: int, far_refresh: int) -> bool:
+    """Whether the `ordinal`-th attention layer of a forward pass refreshes its far context in
+    the stale call with index `step`: each layer once every `far_refresh` calls, the layers
+    staggered so every call refreshes about 1/far_refresh of them (and pays their scales once)."""
+    return far_refresh > 0 and (ordinal + step) % far_refresh == 0
+
+
+def pooled_cols(cols: int, pool: int) -> int:
+    """Tokens per far row when `pool` neighbouring columns travel as their mean (last group short)."""
+    return -(-cols // max(1, pool))
+
+
+def send_tokens(rows: Iterable[int], far: Iterable[int], cols: int, pool: int) -> int:
+    """Tokens of one K/V send: full-width `rows`, of which those in `far` pooled by `pool`."""
+    far = set(far)
+    rows = list(rows)
+    n_far = sum(1 for r in rows if r in far) if pool > 1 else 0
+    return (len(rows) - n_far) * cols + n_far * pooled_cols(cols, pool)
 
 
 def conv_halo(kernel: int, stride: int, padding: int) -> tuple[int, int]:
@@ -178,13 +196,15 @@ def bytes_sent(
     codec: SizeFormula | None = None,
     far_refresh: int = 0,
     step: int = 0,
+    far_pool: int = 1,
 ) -> int:
     """Bytes band `band` sends in one call (one model evaluation).
 
     `fraction` is the attention window (None = whole image, as in every synchronous call);
     `exchange=False` is naive mode: nothing is sent. `codec` (stale calls only) sizes each
-    K/V and conv-halo send; GroupNorm statistics always travel as fp32. `far_refresh`/`step`:
-    pcpp's far context in a stale call (see `Bands.sent_rows`).
+    K/V and conv-halo send; GroupNorm statistics always travel as fp32. `far_refresh`/`step`/
+    `far_pool`: pcpp's far context in the stale call with index `step` (see `far_due`,
+    `send_tokens`).
     """
     if not exchange or bands.count == 1:
         return 0
@@ -198,6 +218,7 @@ def bytes_sent(
 
     total = 0
     others = [j for j in range(bands.count) if j != band]
+    ordinal = 0  # attention layers in call order: the far refresh is staggered over them
     for spec in specs:
         _, cols = bands.level_size(spec.level)
         if spec.kind == "conv":
@@ -210,9 +231,13 @@ def bytes_sent(
         elif spec.kind == "groupnorm":
             total += len(others) * 2 * batch * spec.channels * STAT_BYTES
         else:
+            far = far_due(ordinal, step, far_refresh)
+            ordinal += 1
             for dst in others:
-                rows = len(bands.sent_rows(dst, band, spec.level, fraction, far_refresh, step))
-                total += size((batch, rows, cols, 2 * spec.channels), -1)  # K/V rows [B, r, W, 2D]
+                rows = bands.sent_rows(dst, band, spec.level, fraction, far)
+                tokens = send_tokens(rows, bands.far_rows(dst, band, spec.level, fraction) if far else (), cols,
+                                     far_pool)
+                total += size((batch, tokens, 2 * spec.channels), -1)  # K/V tokens [B, n, 2D]
             if spec.kind == "joint" and spec.text:  # text partials travel raw, every call
                 total += len(others) * batch * spec.text * (spec.channels * element_size + spec.heads * STAT_BYTES)
     return total

@@ -117,6 +117,7 @@ class BandRunner:
             exchange=cfg.mode is not Mode.NAIVE,
             compress=cfg.compress if cfg.mode in (Mode.PCPP, Mode.DISTRIFUSION) else NONE,
             far_refresh=cfg.far_refresh if cfg.mode is Mode.PCPP and not cfg.fresh_activations else 0,
+            far_pool=cfg.far_pool,
             index=slot.calls,
         )
         slot.calls += 1

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..codecs import NONE, codec_names, get_codec
-from ..config import PatchConfig, PoolConfig
+from ..config import RESIDUAL_FAR_POOL, PatchConfig, PoolConfig
 from ..geometry import Bands, LayerSpec, bytes_sent
 from ..plans import find_plan, profile_layers
 from .common import (VAE_FACTOR, Row, base_row, build_unet, emit, fmt_bytes, mode_label, parse_floats,
@@ -51,8 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", default=",".join(codec_names()),
                    help="exchange codecs (pcpp_core.codecs) counted for pcpp at --codec-fractions and distrifusion")
     p.add_argument("--codec-fractions", default="0.3", help="pcpp fractions that get a row per codec")
-    p.add_argument("--far-refresh", default="4",
+    p.add_argument("--far-refresh", default="2",
                    help="pcpp far_refresh values that get a row per codec (0 or empty: none)")
+    p.add_argument("--far-pool", default=f"1,{RESIDUAL_FAR_POOL}",
+                   help="far_pool values per far_refresh (above 1: residual codecs only)")
 
 
 def parse_codecs(text: str) -> list[str]:
@@ -85,39 +87,47 @@ class Variant:
     exchange: bool = True
     codec: str = NONE
     far: int = 0  # pcpp far_refresh
+    pool: int = 1  # pcpp far_pool
 
     @property
     def label(self) -> str:
-        return mode_label(self.mode, self.fraction, self.codec, self.far)
+        return mode_label(self.mode, self.fraction, self.codec, self.far, self.pool)
 
     def patch(self, warmup: int) -> PatchConfig:
         return PatchConfig(mode=self.mode, fraction=self.fraction or 0.0, warmup_steps=warmup,
-                           compress=self.codec, far_refresh=self.far)
+                           compress=self.codec, far_refresh=self.far, far_pool=self.pool)
 
     def sent(self, specs, bands: Bands, band: int, step: int | None, **kw) -> int:
         """Bytes of a stale call with index `step` (None: the worst step of a far-refresh cycle)."""
         sizer = None if self.codec == NONE else get_codec(self.codec)
         steps = [step] if step is not None else list(range(max(1, self.far)))
         return max(bytes_sent(specs, bands, band, fraction=self.window, exchange=self.exchange, codec=sizer,
-                              far_refresh=self.far, step=s, **kw) for s in steps)
+                              far_refresh=self.far, step=s, far_pool=self.pool, **kw) for s in steps)
+
+
+def far_variants(codec: str, fractions: list[float], far_refresh: list[int], far_pool: list[int]) -> list[Variant]:
+    """pcpp with each far_refresh (and far_pool: pooling sends residuals, so residual codecs only)."""
+    pools = [p for p in dict.fromkeys(far_pool or [1]) if p == 1 or get_codec(codec).residual]
+    return [Variant("pcpp", f, f, codec=codec, far=k, pool=p) for f in fractions for k in far_refresh if k
+            for p in pools]
 
 
 def mode_windows(fractions: list[float], codecs: list[str] = (NONE,), codec_fractions: list[float] = (0.3,),
-                 far_refresh: list[int] = ()) -> list[Variant]:
+                 far_refresh: list[int] = (), far_pool: list[int] = (1,)) -> list[Variant]:
     """Every mode uncompressed, then each codec for pcpp at `codec_fractions` (window only and
-    with each far refresh) and distrifusion."""
+    with each far refresh and pool) and distrifusion."""
     out = [Variant("naive", None, 0.0, exchange=False)]
     for codec in codecs:
         fs = fractions if codec == NONE else list(codec_fractions)
         out += [Variant("pcpp", f, PatchConfig(mode="pcpp", fraction=f).window_fraction, codec=codec) for f in fs]
-        out += [Variant("pcpp", f, f, codec=codec, far=k) for f in codec_fractions for k in far_refresh if k]
+        out += far_variants(codec, list(codec_fractions), list(far_refresh), list(far_pool))
         out.append(Variant("distrifusion", None, None, codec=codec))
     return out
 
 
 def comm_rows(cases: list[tuple[str, int]], band_counts: list[int], fractions: list[float], batch_arg: int,
               element_size: int, codecs: list[str] = (NONE,), codec_fractions: list[float] = (0.3,),
-              far_refresh: list[int] = ()) -> list[Row]:
+              far_refresh: list[int] = (), far_pool: list[int] = (1,)) -> list[Row]:
     rows: list[Row] = []
     for model, pixels in cases:
         lat = pixels // VAE_FACTOR
@@ -126,14 +136,14 @@ def comm_rows(cases: list[tuple[str, int]], band_counts: list[int], fractions: l
         for n in band_counts:
             bands = Bands.split(lat, lat, n, levels)
             counted = {}
-            for v in mode_windows(fractions, codecs, codec_fractions, far_refresh):
+            for v in mode_windows(fractions, codecs, codec_fractions, far_refresh, far_pool):
                 per_band = [v.sent(specs, bands, b, None, batch=batch, element_size=element_size) for b in range(n)]
                 counted[v] = (max(per_band), sum(per_band))
             distri = counted[Variant("distrifusion", None, None)][0]
             for v, (peak, total) in counted.items():
                 rows.append(base_row(
                     "comm", v.mode, v.fraction, n, pixels, pixels, model=model, batch=batch, compress=v.codec,
-                    far_refresh=v.far, element_size=element_size, bytes_per_step=peak, bytes_all_devices=total,
+                    far_refresh=v.far, far_pool=v.pool, element_size=element_size, bytes_per_step=peak, bytes_all_devices=total,
                     ratio_vs_distrifusion=peak / distri if distri else None,
                     _bytes_per_step=fmt_bytes(peak), _label=v.label,
                     _saving=f"{100 * (1 - peak / distri):.1f}%" if distri else "-",
@@ -143,7 +153,7 @@ def comm_rows(cases: list[tuple[str, int]], band_counts: list[int], fractions: l
 
 def cross_check(size: int, band_counts: list[int], fractions: list[float], warmup: int = 1,
                 codecs: list[str] = (NONE,), codec_fractions: list[float] = (0.3,),
-                far_refresh: list[int] = ()) -> list[Row]:
+                far_refresh: list[int] = (), far_pool: list[int] = (1,)) -> list[Row]:
     """Run the bundled tiny model (fp32, CFG batch of 2) on real gloo workers in every mode and
     codec and compare each rank's bytes sent, warm-up and two stale calls, with `bytes_sent`."""
     from ..engine import Engine
@@ -159,7 +169,7 @@ def cross_check(size: int, band_counts: list[int], fractions: list[float], warmu
         engine = Engine(PoolConfig(devices=("cpu",) * n, threads_per_worker=1))
         try:
             rows += engine_bytes_rows(engine, unet, x, t, ctx, fractions, warmup, codecs, codec_fractions,
-                                      far_refresh)
+                                      far_refresh, far_pool)
         finally:
             engine.shutdown()
     return rows
@@ -167,7 +177,8 @@ def cross_check(size: int, band_counts: list[int], fractions: list[float], warmu
 
 def engine_bytes_rows(engine: "Engine", unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
                       ctx: torch.Tensor, fractions: list[float], warmup: int = 1, codecs: list[str] = (NONE,),
-                      codec_fractions: list[float] = (0.3,), far_refresh: list[int] = ()) -> list[Row]:
+                      codec_fractions: list[float] = (0.3,), far_refresh: list[int] = (),
+                      far_pool: list[int] = (1,)) -> list[Row]:
     """Every mode (and codec) on `engine` with the CFG batch `x` [2, C, H, W]: each rank's bytes
     sent in a warm-up and two stale calls ("steady-1", "steady") against `bytes_sent`
     (activations of x's element size). Also the doctor's check, on whatever devices the engine runs."""
@@ -177,7 +188,7 @@ def engine_bytes_rows(engine: "Engine", unet: torch.nn.Module, x: torch.Tensor, 
     bands = Bands.split(size, x.shape[3], n, plan.levels(unet))
     kw = dict(batch=x.shape[0], element_size=element_size)
     rows: list[Row] = []
-    for v in mode_windows(fractions, codecs, codec_fractions, far_refresh) + [Variant("sync", None, None)]:
+    for v in mode_windows(fractions, codecs, codec_fractions, far_refresh, far_pool) + [Variant("sync", None, None)]:
         engine.new_run(v.patch(warmup))
         for _ in range(warmup + 2):
             engine(unet, x, t, encoder_hidden_states=ctx, slot="cfg", batch_chunks=2)
@@ -193,7 +204,7 @@ def engine_bytes_rows(engine: "Engine", unet: torch.nn.Module, x: torch.Tensor, 
             label = "warm-up" if call.synchronous else ("steady" if index == len(calls) - 1 else "steady-1")
             rows.append(base_row(
                 "comm-check", v.mode, v.fraction, n, size, x.shape[3], model="pcpp-tiny-unet", compress=v.codec,
-                far_refresh=v.far, call=label if v.mode != "sync" else f"sync #{index}",
+                far_refresh=v.far, far_pool=v.pool, call=label if v.mode != "sync" else f"sync #{index}",
                 bytes_analytic=max(expected.values()), bytes_measured=max(call.bytes_sent.values()),
                 match=ok, per_rank_analytic=[expected[b] for b in range(n)],
                 per_rank_measured=[call.bytes_sent[b] for b in range(n)],
@@ -208,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
         cases.append((model.strip(), int(px)))
     bands, fractions = parse_ints(args.bands), parse_floats(args.fractions)
     codecs, codec_fractions = parse_codecs(args.compress), parse_floats(args.codec_fractions)
-    far = parse_ints(args.far_refresh)
-    rows = comm_rows(cases, bands, fractions, args.batch, args.element_size, codecs, codec_fractions, far)
+    far, pool = parse_ints(args.far_refresh), parse_ints(args.far_pool)
+    rows = comm_rows(cases, bands, fractions, args.batch, args.element_size, codecs, codec_fractions, far, pool)
     emit(rows, [("model", "model"), ("pixels", "height"), ("bands", "bands"), ("mode", "label"),
                 ("bytes/step (max device)", "bytes_per_step"), ("vs distrifusion", "ratio_vs_distrifusion"),
                 ("saving", "saving")],
@@ -222,14 +233,15 @@ def run(args: argparse.Namespace) -> int:
                 "counted by geometry.bytes_sent from the layers of a meta-tensor forward pass",
                 "[codec]: K/V rows and conv halos of the stale calls travel through that codec "
                 "(payload + float32 scales per batch item and channel); warm-up stays exact",
-                "far/N: pcpp also attends to the rest of the image from the receiver's copy, refreshed one "
-                "1/N slice per step (bytes: the worst step of the cycle)",
+                "far/N: pcpp also attends to the rest of the image from the receiver's copy, each attention "
+                "layer's refreshed every N steps, 1/N of the layers per step (bytes: the worst step of the cycle); "
+                "poolP: far rows travel as means of P columns (the change of them, residual codecs)",
                 "flux-dev: joint attention per block: image K/V rows of the window, plus the text queries' "
                 "partial attention (256 tokens, output + fp32 log-sum-exp) to every other band"])
     if args.no_check:
         return 0
     checks = cross_check(args.check_size, parse_ints(args.check_bands), fractions, codecs=codecs,
-                         codec_fractions=codec_fractions, far_refresh=far)
+                         codec_fractions=codec_fractions, far_refresh=far, far_pool=pool)
     emit(checks, [("bands", "bands"), ("mode", "label"), ("call", "call"), ("analytic", "bytes_analytic"),
                   ("measured", "bytes_measured"), ("match", "match")],
          as_json=args.json, save=args.save,

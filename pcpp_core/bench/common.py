@@ -164,7 +164,9 @@ def base_row(bench: str, mode: str, fraction: float | None, bands: int, height: 
             "width": width, **extra}
 
 
-def mode_label(mode: str, fraction: float | None, compress: str | None = "none", far: int | None = 0) -> str:
+def mode_label(mode: str, fraction: float | None, compress: str | None = "none", far: int | None = 0,
+               pool: int | None = 1) -> str:
     label = f"pcpp f={fraction:g}" if mode == "pcpp" and fraction is not None else mode
     label += f" far/{far}" if far else ""
+    label += f" pool{pool}" if far and pool and pool > 1 else ""
     return label if compress in ("none", None) else f"{label} [{compress}]"

@@ -56,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--element-size", type=int, default=2, help="bytes per activation (2 = fp16)")
     p.add_argument("--compress", default="none", help="exchange codecs (pcpp at --fractions, distrifusion)")
     p.add_argument("--far-refresh", default="", help="pcpp far_refresh values modelled per codec")
+    p.add_argument("--far-pool", default="1", help="far_pool values per far_refresh (above 1: residual codecs)")
     p.add_argument("--codec-device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where each codec's encode+decode cost is MEASURED (default: a GPU if there is one; "
                         "'none': not counted)")
@@ -145,7 +146,7 @@ def predict(args: argparse.Namespace, pixels: int, n: int, v: Variant, bandwidth
     codec_s = 0.0
     if v.codec != NONE and args.codec_device != "none":  # encode the sends + decode the receives (as many)
         per_send, per_element = codec_cost(v.codec, args.codec_device, args.element_size)
-        raw = Variant(v.mode, v.fraction, v.window, v.exchange, NONE, v.far)
+        raw = Variant(v.mode, v.fraction, v.window, v.exchange, NONE, v.far, v.pool)  # elements the codec sees
         elements = max(raw.sent(specs, bands, b, None, **kw) for b in range(n)) / args.element_size
         sends = sum(1 for s in specs if s.kind != "groupnorm") * min(2, n - 1)
         codec_s = 2 * (sends * per_send + elements * per_element)
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     links = {k: float(v) * 1e9 for k, v in (item.split("=") for item in args.links.split(","))}
     wanted = {m.strip() for m in args.modes.split(",")}
     variants = mode_windows(parse_floats(args.fractions), parse_codecs(args.compress), parse_floats(args.fractions),
-                            parse_ints(args.far_refresh))
+                            parse_ints(args.far_refresh), parse_ints(args.far_pool))
     modes = [v for v in variants if v.mode in wanted]
     if "sync" in wanted:
         modes.append(Variant("sync", None, None))
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
                         ("distrifusion", 3840, "nvlink", NONE) and args.model == "sdxl" else None
                     rows.append(base_row(
                         "model", v.mode, v.fraction, n, pixels, pixels, model=args.model, link=link,
-                        compress=v.codec, far_refresh=v.far, predicted_codec_ms=p["codec_ms"],
+                        compress=v.codec, far_refresh=v.far, far_pool=v.pool, predicted_codec_ms=p["codec_ms"],
                         codec_device=args.codec_device if v.codec != NONE else None,
                         bandwidth_gbps=bw / 1e9, predicted_speedup=p["one_gpu_s"] / p["run_s"],
                         predicted_step_ms=p["step_ms"], predicted_compute_ms=p["compute_ms"],

@@ -165,7 +165,7 @@ def plot_codecs(plt: Any, rows: list[Row], path: str) -> None:
         if not base:
             continue
         pts = sorted((r["bytes_per_step"] / base, r["psnr_db"],
-                      mode_label(r["mode"], r["fraction"], r.get("compress"), r.get("far_refresh"))) for r in sub)
+                      mode_label(r["mode"], r["fraction"], r.get("compress"), r.get("far_refresh"), r.get("far_pool"))) for r in sub)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", s=14, label=f"{px}px {n} bands")
         for x, y, label in pts:
             ax.annotate(label, (x, y), fontsize=5, xytext=(3, 2), textcoords="offset points")

@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 
 from ..codecs import NONE, codec_names
-from ..config import PoolConfig
+from ..config import RESIDUAL_FAR_POOL, PoolConfig
 from ..engine import Engine
 from ..demo_models import DemoModel, load_demo_model
-from .comm import Variant, parse_codecs
+from .comm import Variant, far_variants, parse_codecs
 from .common import Row, base_row, emit, parse_floats, parse_ints
 
 log = logging.getLogger("pcpp.bench.quality")
@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", default=",".join(codec_names()),
                    help="exchange codecs run for pcpp at --codec-fractions and distrifusion (when in --modes)")
     p.add_argument("--codec-fractions", default="0.3", help="pcpp fractions that get a run per codec")
-    p.add_argument("--far-refresh", default="4", help="pcpp far_refresh values run per codec (empty: none)")
+    p.add_argument("--far-refresh", default="2", help="pcpp far_refresh values run per codec (empty: none)")
+    p.add_argument("--far-pool", default=f"1,{RESIDUAL_FAR_POOL}",
+                   help="far_pool values per far_refresh (above 1: residual codecs)")
 
 
 def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,10 +71,11 @@ def _modes(args: argparse.Namespace) -> list[Variant]:
         out += [Variant(mode, f, f) for f in fs] if mode == "pcpp" else [Variant(mode, None, None)]
     codecs = parse_codecs(args.compress)
     fs, far = parse_floats(args.codec_fractions), [k for k in parse_ints(args.far_refresh) if k]
+    pools = parse_ints(args.far_pool)
     for codec in codecs:
         if "pcpp" in modes:
             out += [Variant("pcpp", f, f, codec=codec) for f in fs if codec != NONE]
-            out += [Variant("pcpp", f, f, codec=codec, far=k) for f in fs for k in far]
+            out += far_variants(codec, fs, far, pools)
         if "distrifusion" in modes and codec != NONE:
             out.append(Variant("distrifusion", None, None, codec=codec))
     return out
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                     per_image = [psnr_db(out[i], ref[i]) for i in range(len(ids))]
                     rows.append(base_row(
                         "quality", v.mode, v.fraction, n, s, s, model=m.name, compress=v.codec,
-                        far_refresh=v.far, steps=args.steps,
+                        far_refresh=v.far, far_pool=v.pool, steps=args.steps,
                         warmup=args.warmup, cfg=args.cfg, ids=ids, seed=args.seed,
                         psnr_db=sum(per_image) / len(per_image), psnr_db_min=min(per_image),
                         max_abs=(out - ref).abs().max().item(),
@@ -121,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
                 f"PSNR on [-1, 1] images (peak-to-peak 2), mean and worst over the images, capped at "
                 f"{PSNR_CAP_DB:g} dB; max abs = largest pixel difference (range 2)",
                 "sync must match one process up to float round-off; naive shows the seams",
-                "[codec]: stale calls exchange through that codec; bytes/step = max over workers, fp32 model"])
+                "[codec]: stale calls exchange through that codec; bytes/step = max over workers, fp32 model",
+                "far/N: pcpp also attends to the rest of the image, each attention layer's copy refreshed every "
+                "N steps; poolP: those far rows travel as the change of P-column means (residual codecs)"])
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Codec, RawCodec
-from .link import Baselines
+from .link import Baselines, Fold
 from .lowp import Int8Codec
 from .residual import ResidualCodec
 
@@ -27,4 +27,4 @@ def get_codec(name: str) -> Codec:
         raise ConfigError(f"compress={name!r} is not an exchange codec; valid: {', '.join(CODECS)}") from None
 
 
-__all__ = ["Baselines", "CODECS", "Codec", "NONE", "codec_names", "get_codec"]
+__all__ = ["Baselines", "Fold", "CODECS", "Codec", "NONE", "codec_names", "get_codec"]

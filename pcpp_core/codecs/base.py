@@ -44,15 +44,16 @@ def from_groups(g: torch.Tensor, shape: tuple[int, ...], channel_dim: int, dtype
     return g.reshape(moved).movedim(1, cd).to(dtype).contiguous()
 
 
-def pack_scales(payload: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """One flat uint8 tensor: the float32 scales' bytes (aligned at 0), then the payload bytes."""
-    return torch.cat([scales.float().contiguous().view(torch.uint8).reshape(-1), payload.reshape(-1)])
+def pack_scales(payload: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One flat uint8 tensor: the scales' bytes in `dtype` (aligned at 0), then the payload bytes."""
+    return torch.cat([scales.to(dtype).contiguous().view(torch.uint8).reshape(-1), payload.reshape(-1)])
 
 
-def unpack_scales(data: torch.Tensor, scale_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_scales(data: torch.Tensor, scale_count: int,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(payload bytes, float32 scales [scale_count]) of a `pack_scales` tensor."""
-    cut = scale_count * SCALE_BYTES
-    return data[cut:], data[:cut].view(torch.float32)
+    cut = scale_count * dtype.itemsize
+    return data[cut:], data[:cut].view(dtype).float()
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..geometry import far_due
 from .base import BandLayer
 
 
@@ -56,7 +57,7 @@ class WindowAttention(BandLayer):
 def window_kv(layer: BandLayer, kv: torch.Tensor, level: int) -> torch.Tensor:
     """K/V of the band's attention window, top to bottom: kv [B, h, W, 2D] holds the band's own rows
     (fresh) at `level`; neighbour rows come through the exchange (fresh or stale, only the rows
-    the receiver's window needs, plus pcpp's far slice) -> [B, M, 2D]. Shared by the UNet
+    the receiver's window needs, plus pcpp's held far rows) -> [B, M, 2D]. Shared by the UNet
     self-attention and the DiT joint attention (layers/joint.py)."""
     call = layer.call
     bands, band = call.bands, call.band
@@ -65,23 +66,30 @@ def window_kv(layer: BandLayer, kv: torch.Tensor, level: int) -> torch.Tensor:
     parts: dict[int, torch.Tensor] = {band: kv}
     if call.exchange:
         # pcpp far context: after warm-up, rows outside the window come from what the
-        # receiver holds, a slice refreshed per call; attention then sees the whole image
+        # receiver holds, this layer's refreshed once every far_refresh calls (far_due);
+        # attention then sees the whole image
         far = call.far_refresh if window is not None else 0
-        sends, recvs, send_rows, recv_rows = {}, {}, {}, {}
+        due = far_due(layer.exchange.attention_ordinal(), call.index, far)
+        sends, recvs, send_rows, recv_rows, send_far, recv_far = {}, {}, {}, {}, {}, {}
         for other in range(bands.count):
             if other == band:
                 continue
-            rows = bands.sent_rows(other, band, level, window, far, call.index)
+            rows = bands.sent_rows(other, band, level, window, due)
             if rows:
                 sends[other], send_rows[other] = _take(kv, rows, r0), rows
-            rows = bands.sent_rows(band, other, level, window, far, call.index)
+                send_far[other] = bands.far_rows(other, band, level, window) if due else ()
+            rows = bands.sent_rows(band, other, level, window, due)
             if rows:
                 recvs[other] = ((kv.shape[0], len(rows), cols, kv.shape[3]), (rows[0], rows[-1] + 1))
                 recv_rows[other] = rows
+                recv_far[other] = bands.far_rows(band, other, level, window) if due else ()
         spans = {b: bands.rows(b, level) for b in range(bands.count)}
         got = layer.swap(sends, recvs, kv, channel_dim=-1, send_rows=send_rows, recv_rows=recv_rows,
-                      spans=spans, hold=call.far_refresh > 0)  # K/V: compressible
-        for other in recvs:
+                         spans=spans, hold=call.far_refresh > 0, send_far=send_far,
+                         recv_far=recv_far)  # K/V: compressible
+        for other in (got if far else recvs):  # far: every band's held rows, sent or not
+            if other == band:
+                continue
             lo, hi = bands.needed(band, other, level, None if far else window)
             piece = got[other]  # may hold more rows than needed (stale from a whole-image call)
             p0 = piece.rows[0]

@@ -76,7 +76,8 @@ async function raiseNumber(page, id, name) {
 
 const reason = await missing();
 const STATS_KEYS = ["bands", "bytes_per_call", "bytes_per_call_warmup", "calls", "devices", "exchange", "fallback",
-  "far_refresh", "fraction", "height", "mode", "model_bytes_sent", "partial", "seconds_per_call", "weights_on", "width"];
+  "far_pool", "far_refresh", "fraction", "height", "mode", "model_bytes_sent", "partial", "seconds_per_call",
+  "weights_on", "width"];
 
 describe("PCPP band diagram in ComfyUI's front end", { skip: reason ?? false }, () => {
   let comfy;

@@ -84,18 +84,18 @@ def test_sync_equals_stock(comfy, unet, inputs, sampler, cfg):
     rel_close(out, ref)
 
 
-@pytest.mark.parametrize("mode, exchange, far", [("pcpp", "none", 0), ("distrifusion", "none", 0), ("naive", "none", 0),
-                                                 ("pcpp", "residual-2bit", 2)])
-def test_parallel_modes_run_and_report_stats(comfy, unet, inputs, mode, exchange, far):
+@pytest.mark.parametrize("mode, exchange, far, pool", [("pcpp", "none", 0, 1), ("distrifusion", "none", 0, 1),
+                                                       ("naive", "none", 0, 1), ("pcpp", "residual-2bit", 2, 16)])
+def test_parallel_modes_run_and_report_stats(comfy, unet, inputs, mode, exchange, far, pool):
     model, hook = pcpp(comfy, unet, mode=mode, neighbour_fraction=0.3, warmup_steps=1, exchange=exchange,
-                       far_refresh=far)
+                       far_refresh=far)  # far_pool follows: RESIDUAL_FAR_POOL with a residual codec
     out = sample(comfy, model, inputs)
     stats = hook.last_stats
     assert set(stats) == {"mode", "fraction", "bands", "devices", "calls", "seconds_per_call", "bytes_per_call",
                           "bytes_per_call_warmup", "height", "width", "fallback", "partial", "model_bytes_sent",
-                          "weights_on", "exchange", "far_refresh"}
+                          "weights_on", "exchange", "far_refresh", "far_pool"}
     assert stats["mode"] == mode and stats["fraction"] == 0.3 and stats["bands"] == 2
-    assert stats["exchange"] == exchange and stats["far_refresh"] == far
+    assert stats["exchange"] == exchange and stats["far_refresh"] == far and stats["far_pool"] == pool
     assert stats["devices"] == ["cpu", "cpu"] and stats["calls"] == STEPS and stats["fallback"] is None
     assert (stats["height"], stats["width"]) == LATENT[2:]
     sent, warmup = stats["bytes_per_call"], stats["bytes_per_call_warmup"]

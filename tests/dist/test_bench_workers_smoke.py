@@ -27,8 +27,8 @@ def test_comm_cross_check_smoke(capsys: pytest.CaptureFixture[str]) -> None:
                              "--check-size", "64", "--check-bands", "2", "--compress", "residual-2bit"])
     checks = [r for r in rows if r["bench"] == "comm-check"]
     assert {r["mode"] for r in checks} == {"naive", "pcpp", "distrifusion", "sync"}
-    assert {(r["compress"], r["far_refresh"]) for r in checks if r["mode"] == "pcpp"} == \
-        {("none", 0), ("none", 4), ("residual-2bit", 0), ("residual-2bit", 4)}
+    assert {(r["compress"], r["far_refresh"], r["far_pool"]) for r in checks if r["mode"] == "pcpp"} == \
+        {("none", 0, 1), ("none", 2, 1), ("residual-2bit", 0, 1), ("residual-2bit", 2, 1), ("residual-2bit", 2, 16)}
     for r in checks:
         assert COMMON <= r.keys()
         assert r["match"] and r["per_rank_analytic"] == r["per_rank_measured"]

@@ -34,13 +34,17 @@ def test_comm_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     for case in {(r["model"], r["bands"]) for r in rows}:
         by = {(r["mode"], r["fraction"]): r for r in rows if (r["model"], r["bands"]) == case
               and r["compress"] == "none" and not r["far_refresh"]}
-        coded = {(r["mode"], r["compress"], r["far_refresh"]): r["bytes_per_step"] for r in rows
+        coded = {(r["mode"], r["compress"], r["far_refresh"], r["far_pool"]): r["bytes_per_step"] for r in rows
                  if (r["model"], r["bands"]) == case and r["fraction"] in (None, 0.3)}
         # every codec's row for pcpp f=0.3 and distrifusion, each smaller than uncompressed
-        assert coded[("pcpp", "residual-1bit", 0)] < coded[("pcpp", "residual-2bit", 0)] < \
-            coded[("pcpp", "int8", 0)] < coded[("pcpp", "none", 0)]
-        assert coded[("distrifusion", "residual-2bit", 0)] < coded[("distrifusion", "none", 0)]
-        assert coded[("pcpp", "none", 0)] < coded[("pcpp", "none", 4)] < coded[("distrifusion", "none", 0)]
+        assert coded[("pcpp", "residual-1bit", 0, 1)] < coded[("pcpp", "residual-2bit", 0, 1)] < \
+            coded[("pcpp", "int8", 0, 1)] < coded[("pcpp", "none", 0, 1)]
+        assert coded[("distrifusion", "residual-2bit", 0, 1)] < coded[("distrifusion", "none", 0, 1)]
+        assert coded[("pcpp", "none", 0, 1)] < coded[("pcpp", "none", 2, 1)] < coded[("distrifusion", "none", 0, 1)]
+        # the default far rows: pooled for the residual codecs only, pooling saves bytes
+        assert ("pcpp", "int8", 2, 16) not in coded and ("pcpp", "none", 2, 16) not in coded
+        assert coded[("pcpp", "residual-2bit", 0, 1)] < coded[("pcpp", "residual-2bit", 2, 16)] < \
+            coded[("pcpp", "residual-2bit", 2, 1)]
         distri = by[("distrifusion", None)]["bytes_per_step"]
         assert by[("naive", None)]["bytes_per_step"] == 0
         assert 0 < by[("pcpp", 0.3)]["bytes_per_step"] < distri

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pcpp_core import Bands, ConfigError, PatchConfig, bytes_sent
-from pcpp_core.codecs import CODECS, Baselines, codec_names, get_codec
-from pcpp_core.geometry import LayerSpec
+from pcpp_core.codecs import CODECS, Baselines, Fold, codec_names, get_codec
+from pcpp_core.geometry import LayerSpec, far_due, send_tokens
 
 SHAPES = [((2, 3, 5, 16), -1), ((2, 8, 1, 13), 1), ((1, 7, 3, 5), 1), ((2, 1, 9, 6), -1)]
 
@@ -38,6 +38,7 @@ def test_one_bit_is_sign_times_mean_magnitude_per_channel():
     c = get_codec("residual-1bit")
     y = c.decode(c.encode(x, -1), x.shape, -1, x.dtype)
     mag = x.abs().mean(dim=(1, 2), keepdim=True)  # groups: (batch item, last-dim channel)
+    mag = mag.to(torch.bfloat16).float()  # scales travel as bfloat16
     torch.testing.assert_close(y, torch.where(x >= 0, mag, -mag))
 
 
@@ -86,7 +87,7 @@ def test_analytic_bytes_use_the_codec_size_per_send():
     stats = 2 * 2 * 2 * 4 * 4  # two peers, batch 2, (mean, var), 4 groups, fp32: never compressed
     assert stats < small < (raw - stats) / 8 + stats
     # middle band: one halo row to each neighbour, scales per (batch, channel) per send
-    halo = 2 * (2 * 8 * 48 // 8 + 2 * 8 * 4)
+    halo = 2 * (2 * 8 * 48 // 8 + 2 * 8 * 2)  # bf16 scales
     assert bytes_sent(specs[:1], bands, 1, codec=get_codec("residual-1bit"), **common) == halo
 
 
@@ -99,15 +100,53 @@ def test_patch_config_validates_compress():
 
 
 @pytest.mark.parametrize("refresh", [1, 3, 4])
-def test_far_slices_cover_the_band_within_far_refresh_steps(refresh):
+def test_far_refresh_staggers_the_layers_and_sends_whole_bands(refresh):
+    layers = 13
+    for ordinal in range(layers):  # every layer refreshes its far rows once per cycle of `refresh` calls
+        assert sum(far_due(ordinal, step, refresh) for step in range(5, 5 + refresh)) == 1
+    for step in range(refresh):  # and every call refreshes about 1/refresh of the layers
+        assert sum(far_due(o, step, refresh) for o in range(layers)) in (layers // refresh, -(-layers // refresh))
     bands = Bands.split(64, 48, 4, 2)
     for level in (0, 2):
         for src, dst in ((1, 0), (1, 2), (3, 0)):
             near = set(range(*bands.needed(dst, src, level, 0.3)))
-            seen = set()
-            for step in range(refresh):
-                rows = bands.sent_rows(dst, src, level, 0.3, refresh, step)
-                assert list(rows) == sorted(set(rows)) and near <= set(rows)
-                seen |= set(rows)
-            assert seen == set(range(*bands.rows(src, level)))  # every row refreshed in one cycle
+            assert set(bands.sent_rows(dst, src, level, 0.3, far=True)) == set(range(*bands.rows(src, level)))
+            assert set(bands.far_rows(dst, src, level, 0.3)) == set(range(*bands.rows(src, level))) - near
     assert bands.sent_rows(0, 1, 0, 0.3) == tuple(range(*bands.needed(0, 1, 0, 0.3)))  # no far context
+    assert not far_due(0, 0, 0)
+
+
+@pytest.mark.parametrize("cols, pool", [(16, 4), (13, 4), (6, 1), (5, 8)])
+def test_fold_pools_far_rows_and_unfold_repeats_the_means(cols, pool):
+    rows, far = (4, 5, 6, 7, 8), (4, 7, 8)
+    fold = Fold(tuple(i for i, r in enumerate(rows) if r in far), pool)
+    x = torch.randn(2, len(rows), cols, 6, generator=torch.Generator().manual_seed(5))  # [B, r, W, C]
+    y = fold.fold(x)
+    assert tuple(y.shape) == fold.shape(tuple(x.shape)) == (2, send_tokens(rows, far, cols, pool), 6)
+    back = fold.unfold(y, tuple(x.shape))
+    assert torch.equal(back[:, [1, 2]], x[:, [1, 2]])  # full rows travel as they are
+    groups = [range(g, min(g + pool, cols)) for g in range(0, cols, pool)]
+    for g in groups:  # a far row's columns all get the mean of their group
+        mean = x[:, [0, 3, 4]][:, :, list(g)].mean(dim=2)
+        for c in g:
+            torch.testing.assert_close(back[:, [0, 3, 4], c], mean)
+    torch.testing.assert_close(fold.fold(back), y)  # pooling the repeated means gives them back
+
+
+def test_pooled_far_rows_keep_both_baselines_identical_and_track_the_coarse_change():
+    codec = get_codec("residual-2bit")
+    tx, rx = Baselines(), Baselines()
+    gen = torch.Generator().manual_seed(6)
+    target = torch.randn(2, 6, 16, 8, generator=gen)  # rows 10..16, [B, rows, W, 2D]
+    tx.remember("k", target, (10, 16))
+    rx.remember("k", target, (10, 16))
+    fold = Fold((0, 1, 2, 3), 4)  # rows 10..13 far, pooled by 4 columns; 14, 15 near
+    drift = torch.randn(2, 6, 1, 8, generator=gen)  # a change that is smooth along the columns
+    for step in range(1, 9):
+        now = target + 0.1 * step * drift
+        data = tx.encode(codec, "k", now, range(10, 16), (10, 16), -1, fold)
+        assert data.numel() == codec.nbytes(fold.shape(tuple(now.shape)), -1, 4)
+        got = rx.decode(codec, "k", data, tuple(now.shape), range(10, 16), (10, 16), -1, now.dtype, True, fold)
+        assert torch.equal(tx.held("k"), rx.held("k")) and torch.equal(got, rx.held("k"))
+    before = (target - now).pow(2).mean().item()
+    assert (got - now).pow(2).mean().item() < 0.02 * before  # far rows followed a smooth change

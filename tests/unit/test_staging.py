@@ -58,8 +58,8 @@ _CHILD = textwrap.dedent("""
         signal.signal(signal.SIGTERM, lambda s, f: (seen.append(s), print("previous handler ran", flush=True), sys.exit(7)))
     install_cleanup()
     d = make_private_dir(sys.argv[1], "stage")
-    print(d, flush=True)
-    try:
+    try:  # the signal may come as soon as the path is printed
+        print(d, flush=True)
         time.sleep(60)
     except KeyboardInterrupt:
         print("KeyboardInterrupt", flush=True)
