@@ -29,7 +29,7 @@ PSNR_CAP_DB = 120.0  # identical samples would be infinite; JSON has no infinity
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default="unet", help="built-in models, comma-separated: unet (pcpp-tiny-unet, "
+    p.add_argument("--models", default="unet,dit", help="built-in models, comma-separated: unet (pcpp-tiny-unet, "
                    "pixel space), dit (pcpp-tiny-dit, ComfyUI's Flux layout; sizes multiple of 8)")
     p.add_argument("--sizes", default="64,128", help="square image sizes in pixels")
     p.add_argument("--bands", default="2,4", help="worker (band) counts")
