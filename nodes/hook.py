@@ -87,15 +87,19 @@ class PCPPSettings:
 
     @property
     def far_pool(self) -> int:
-        """Columns per far token: pooled with a residual codec (the far rows' change is smooth;
-        see RESIDUAL_FAR_POOL), full resolution otherwise. Not a node input: one knob fewer."""
+        """Columns per far token on a UNet: pooled with a residual codec (the far rows' change is
+        smooth; see RESIDUAL_FAR_POOL), full resolution otherwise. Not a node input: one knob fewer."""
         far = self.mode == "pcpp" and self.far_refresh > 0
         return RESIDUAL_FAR_POOL if far and get_codec(self.exchange).residual else 1
 
-    def patch_config(self) -> PatchConfig:
+    def patch_config(self, transformer: bool = False) -> PatchConfig:
+        """The engine's run config. A transformer's far rows travel unpooled: on the tiny DiT, whose
+        token rows are 8 wide, pooling cost 10 dB (README, Compressed exchange), and nothing here
+        has measured it on Flux-sized rows."""
         return PatchConfig(mode=self.mode, fraction=float(self.neighbour_fraction),
                            warmup_steps=self.warmup_steps, cfg_split=self.cfg_split, compress=self.exchange,
-                           far_refresh=self.far_refresh if self.mode == "pcpp" else 0, far_pool=self.far_pool)
+                           far_refresh=self.far_refresh if self.mode == "pcpp" else 0,
+                           far_pool=1 if transformer else self.far_pool)
 
 
 def resolve_devices(spec: str) -> tuple[tuple[str, ...], str | None]:
@@ -167,6 +171,7 @@ class RunState:
     _weights: Any = False  # the run's delivery.weight_source, computed on first use (False: not yet)
     tracker: SlotTracker | None = None  # from the run's sigmas (None: unknown, see call_slot)
     check_call: Callable[[dict], None] = lambda inputs: None  # the model plan's refusals of call inputs
+    patch: PatchConfig | None = None  # the engine's run config (None: the run never started one)
 
     def fall_back(self, reason: str) -> None:
         """From now on this run samples plainly; said once in the log and in the node's stats."""
@@ -252,7 +257,7 @@ class RunState:
         stats["partial"] = self.partial()
         stats["exchange"] = self.settings.exchange
         stats["far_refresh"] = self.settings.far_refresh
-        stats["far_pool"] = self.settings.far_pool
+        stats["far_pool"] = self.patch.far_pool if self.patch is not None else self.settings.far_pool
         return stats
 
 
@@ -264,9 +269,11 @@ def start_run(settings: PCPPSettings, diffusion_model: Any, shape: tuple[int, ..
         reason = f"the latent has shape {list(shape)}; only image latents [B, C, H, W] are split into bands"
     if reason is None:
         try:
-            run.check_call = find_plan(diffusion_model).check_call  # e.g. ControlNet on a Flux model
+            plan = find_plan(diffusion_model)
+            run.check_call = plan.check_call  # e.g. ControlNet on a Flux model
+            run.patch = settings.patch_config(transformer=plan.transformer)
             engine = shared_engine(pool_config(devices))
-            engine.new_run(settings.patch_config())
+            engine.new_run(run.patch)
             run.started = engine
             engine.check_shape(diffusion_model, shape[2], shape[3], 2 if settings.cfg_split else 1)
             run.engine = engine

@@ -42,6 +42,11 @@ class ModelPlan:
     check_call: Callable[[dict], None] = lambda kwargs: None
     full_output: bool = False
 
+    @property
+    def transformer(self) -> bool:
+        """A DiT plan (plans_dit.py): blocks over patch tokens rather than UNet layers."""
+        return self.targets is not None
+
     def levels(self, model: nn.Module) -> int:
         """Number of 2x downsamplings: stride-2 convs and 2x2 pools (a DiT: log2 of its patch size)."""
         if self.levels_of is not None:

@@ -121,3 +121,14 @@ def test_flux_cfg_split_equals_stock(comfy, flux):
     stats = hook.last_stats
     assert stats["fallback"] is None and stats["bands"] == 1 and stats["devices"] == ["cpu", "cpu"]
     rel_close(out, ref)
+
+
+def test_flux_far_rows_travel_unpooled(comfy, flux):
+    """A UNet's far rows are pooled with a residual codec (RESIDUAL_FAR_POOL); a DiT's are not (its
+    token rows are narrow: pooling cost the tiny DiT 10 dB, README)."""
+    inputs = _inputs(guidance=3.5)
+    parallel, hook = pcpp(comfy, flux, mode="pcpp", exchange="residual-2bit", far_refresh=2, warmup_steps=1)
+    out = sample(comfy, parallel, inputs, "euler", 1.0)
+    stats = hook.last_stats
+    assert stats["fallback"] is None and stats["far_refresh"] == 2 and stats["far_pool"] == 1
+    assert torch.isfinite(out).all() and 0 < stats["bytes_per_call"] < stats["bytes_per_call_warmup"]
