@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,20 @@ def control_listener(authkey: bytes) -> Listener:
     """The host end of the control channels: loopback only, a free port, key required before
     any message is read (multiprocessing's HMAC challenge in both directions)."""
     return Listener(("127.0.0.1", 0), authkey=authkey)
+
+
+def no_delay(conn: Connection) -> None:
+    """Send every message at once (TCP_NODELAY) on one end of a control channel.
+
+    A message over 16 KB leaves as a 4-byte length header and then the payload: Nagle's
+    algorithm holds the payload until the header is acknowledged, and the receiver delays that
+    acknowledgement by up to 40 ms. Every call paid it (a band's output is such a message).
+    """
+    sock = socket.socket(fileno=os.dup(conn.fileno()))  # a second handle on the same socket
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    finally:
+        sock.close()
 
 
 class WorkerPool:
@@ -125,6 +140,7 @@ class WorkerPool:
             except (OSError, AuthenticationError) as e:  # timeout, or a client without the key
                 log.warning("rejected a connection while starting the pool: %s", e)
                 continue
+            no_delay(conn)
             conns[len(conns)] = conn
         # ranks come back in any order; each worker's first message carries its pid
         by_pid = {p.pid: r for r, p in enumerate(self._procs)}

@@ -39,7 +39,7 @@ def guard_variance(stats: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
 
 class BandGroupNorm(BandLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, h, W] band
-        if not self.split_active():
+        if self.band_local():  # naive: the band's own statistics are the module's
             return self.inner(x)
         call = self.call
         gn: nn.GroupNorm = self.inner
