@@ -33,6 +33,13 @@ log = logging.getLogger("pcpp.pool")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 CONFIG_ERROR_GRACE_S = 5.0  # after a worker's ConfigError, how long the other ranks may take to answer
+# glibc malloc in the workers: keep freed activation memory (blocks up to 32 MiB from the heap,
+# up to 64 MiB of free heap top kept) instead of handing it back to the kernel after every
+# forward pass and page-faulting it in again on the next (measured: ~2 000 minor faults and
+# ~3% slower per tiny-model call). A host process gets there by itself (glibc raises both
+# thresholds once it frees a large block, e.g. while loading weights); a worker maps its
+# weights and never does. These are glibc's own ceilings; the environment may override them.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
 def _shutdown_all() -> None:
@@ -104,6 +111,8 @@ class WorkerPool:
         env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *[p for p in sys.path if p and os.path.isdir(p)]])
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets on loopback only
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        for name, value in WORKER_MALLOC.items():
+            env.setdefault(name, value)
         _LIVE_POOLS.add(self)
         try:
             for rank, device in enumerate(cfg.devices):
