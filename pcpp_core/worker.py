@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .errors import PCPPError, WorkerError
 from .exchange import torch_p2p
+from .pool import no_delay
 from .runner import BandRunner, CallRequest, map_tensors
 from .weights import PatchedWeights
 
@@ -138,6 +139,7 @@ def main() -> int:
     logging.basicConfig(level=boot.get("log_level", logging.WARNING),
                         format=f"[pcpp worker {boot['rank']}] %(levelname)s %(name)s: %(message)s")
     conn = Client(tuple(boot["address"]), authkey=bytes.fromhex(boot["authkey"]))
+    no_delay(conn)
     worker = Worker(boot)
     try:
         # a host adapter names modules that must run before any model is unpickled (e.g. a

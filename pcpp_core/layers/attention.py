@@ -30,7 +30,7 @@ class WindowAttention(BandLayer):
             raise
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # x: [B, N, C]
-        if not self.split_active():
+        if self.band_local():  # naive: attention over the band's own tokens
             return self.inner(x, *args, **kwargs)
         context = args[0] if args else kwargs.get("context", kwargs.get("encoder_hidden_states"))
         context = x if context is None else context

@@ -28,6 +28,14 @@ class BandLayer(nn.Module):
         call = self.call
         return call is not None and call.bands.count > 1
 
+    def band_local(self) -> bool:
+        """The wrapped module alone computes this layer on the band: outside a call, with one
+        band, or in a naive call (nothing exchanged: each band is an image of its own, so zero
+        borders, local GroupNorm statistics and attention over the band's own tokens are exactly
+        what the module does on the band). The fast path: no Python around the module."""
+        call = self.call
+        return call is None or call.bands.count == 1 or not call.exchange
+
     def swap(self, sends, recvs, like: torch.Tensor, **codec):
         """Exchange through the shared Exchange; `codec` = channel_dim/send_rows for compressible data."""
         return self.exchange.swap(self.layer_name, sends, recvs, like.dtype, like.device, **codec)

@@ -44,13 +44,22 @@ class _ConvBase(BandLayer):
         c: nn.Conv2d = self.inner
         return conv_halo(c.kernel_size[0], c.stride[0], c.padding[0])
 
+    def _own_padding_is_halo(self, rows: int) -> bool:
+        """Whether the conv on a band of `rows` rows with its own zero row padding gives the
+        rows of _conv with zero halos: the same rows above, and as many output rows (the
+        3x3 convs of a UNet, stride 1 or 2, on bands of even height)."""
+        c: nn.Conv2d = self.inner
+        k, s, p = c.kernel_size[0], c.stride[0], c.padding[0]
+        above, below = self._halo()
+        return above == p and (rows + 2 * p - k) // s == (rows + above + below - k) // s
+
 
 class ExactFirstConv(_ConvBase):
     """The first conv sees the full input latent, so its band output is exact with no exchange."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W] full image
         call = self.call
-        if call is None:
+        if call is None or call.bands.count == 1:
             return self.inner(x)
         above, below = self._halo()
         r0, r1 = call.bands.rows(call.band)
@@ -63,8 +72,8 @@ class HaloConv(_ConvBase):
     """Border rows above and below come from the neighbouring bands (zeros at the image edge)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, h, W] band
-        if not self.split_active():
-            return self.inner(x)
+        if not self.split_active() or (self.band_local() and self._own_padding_is_halo(x.shape[2])):
+            return self.inner(x)  # naive: zero borders, which the conv's own padding already adds
         call = self.call
         above, below = self._halo()
         band, last = call.band, call.bands.count - 1

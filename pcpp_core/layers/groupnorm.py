@@ -39,7 +39,7 @@ def guard_variance(stats: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
 
 class BandGroupNorm(BandLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, h, W] band
-        if not self.split_active():
+        if self.band_local():  # naive: the band's own statistics are the module's
             return self.inner(x)
         call = self.call
         gn: nn.GroupNorm = self.inner
@@ -52,15 +52,16 @@ class BandGroupNorm(BandLayer):
             sizes = [r1 - r0 for r0, r1 in (call.bands.rows(b) for b in range(call.bands.count))]
             stats = combine_stats(per_band, sizes)
             stats = guard_variance(stats, own)  # estimate gone negative: local variance
-        mean, var = stats[..., 0], stats[..., 1]  # [B, G]
-        shape = (x.shape[0], gn.num_groups, -1)
-        y = (x.reshape(shape).float() - mean[..., None]) * torch.rsqrt(var[..., None] + gn.eps)
-        y = y.reshape(x.shape).to(x.dtype)
+        # y = x * a + b with per-(sample, channel) a, b in float32, one pass over x (as torch's
+        # own group_norm kernel computes it): a = rsqrt(var + eps) * scale, b = shift - mean * a
+        per_group = gn.num_channels // gn.num_groups
+        a = torch.rsqrt(stats[..., 1] + gn.eps).repeat_interleave(per_group, dim=1)  # [B, C]
+        b = -stats[..., 0].repeat_interleave(per_group, dim=1) * a
         if gn.affine:
-            scale, shift = affine_of(gn, x)
-            view = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * scale.to(x.dtype).view(view) + shift.to(x.dtype).view(view)
-        return y
+            scale, shift = affine_of(gn, x)  # [C] each
+            a, b = a * scale, b * scale + shift
+        view = a.shape + (1,) * (x.dim() - 2)
+        return torch.addcmul(b.view(view), x.float(), a.view(view)).to(x.dtype)  # [B, C, h, W]
 
 
 def affine_of(gn: nn.GroupNorm, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,16 +40,23 @@ def test_comm_cross_check_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_speed_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     rows = run_json(capsys, ["speed", "--json", "--model", "sd15-mini", "--sizes", "128", "--steps", "1",
-                             "--warmup", "1", "--modes", "pcpp"])
-    by = {r["mode"]: r for r in rows}
-    assert set(by) == {"one-process", "pcpp", "engine-1-device"}
-    for r in rows:
-        assert COMMON | {"seconds_per_step", "speedup", "cpu_seconds_per_step"} <= r.keys()
-        assert r["seconds_per_step"] > 0 and r["speedup"] > 0
-    assert by["one-process"]["speedup"] == 1.0 and by["pcpp"]["bands"] == 2
-    assert by["pcpp"]["bytes_per_step"] > 0  # a steady pcpp call: neighbour rows only
-    assert by["engine-1-device"]["overhead_seconds"] == pytest.approx(
-        by["engine-1-device"]["seconds_per_step"] - by["engine-1-device"]["plain_seconds_per_step"])
+                             "--warmup", "1", "--modes", "pcpp", "--tiny-size", "64", "--tiny-steps", "1"])
+    assert {(r["model"], r["height"]) for r in rows} == {("sd15-mini", 128), ("tiny", 64)}
+    for model in ("sd15-mini", "tiny"):
+        by = {r["mode"]: r for r in rows if r["model"] == model}
+        assert set(by) == {"one-process", "pcpp", "engine-1-device"}
+        for r in by.values():
+            assert COMMON | {"seconds_per_step", "speedup", "cpu_seconds_per_step"} <= r.keys()
+            assert r["seconds_per_step"] > 0 and r["speedup"] > 0
+        assert by["one-process"]["speedup"] == 1.0 and by["pcpp"]["bands"] == 2
+        assert by["pcpp"]["bytes_per_step"] > 0  # a steady pcpp call: neighbour rows only
+        one = by["engine-1-device"]
+        assert one["overhead_seconds"] == pytest.approx(one["seconds_per_step"] - one["plain_seconds_per_step"])
+        assert one["engine_vs_plain_pct"] == pytest.approx(100 * (one["seconds_per_step"] / one["plain_seconds_per_step"] - 1))
+        for r in (by["pcpp"], one):  # the call path, from the same calls: compute lies inside the host's wall time
+            assert 0 < r["worker_ms"] <= r["host_ms"] == pytest.approx(1000 * r["seconds_per_step"])
+            assert r["overhead_ms"] >= 0
+            assert r["overhead_pct"] == pytest.approx(100 * r["overhead_ms"] / r["worker_ms"])
 
 
 def test_quality_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

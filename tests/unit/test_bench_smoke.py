@@ -76,6 +76,18 @@ def test_model_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert one[("naive", "pcie4")]["predicted_comm_ms"] == 0
 
 
+def test_speed_call_path_fields() -> None:
+    """bench speed's host/worker/overhead figures, from per-call seconds (the workers' part is
+    in the dist smoke test)."""
+    from pcpp_core.bench.speed import call_path
+
+    f = call_path([0.100, 0.120, 0.300], [0.080, 0.110, 0.050])  # host s, worker s: the same three calls
+    assert f["host_ms"] == pytest.approx(120.0) and f["worker_ms"] == pytest.approx(80.0)
+    assert f["overhead_ms"] == pytest.approx(20.0)  # median of 20, 10 and 250 ms, not 120 - 80
+    assert f["overhead_pct"] == pytest.approx(25.0)
+    assert f["worker_ms"] <= f["host_ms"]
+
+
 def test_plot_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     rows = [
