@@ -15,7 +15,8 @@ from comfy_api.latest import ComfyExtension, io
 from pcpp_core import ConfigError
 from pcpp_core.codecs import codec_names
 
-from .hook import MAX_FRACTION, MODES, PCPPSettings, apply_pcpp, current_prompt_id, remove_pcpp, resolve_devices
+from .hook import apply_pcpp, current_prompt_id, remove_pcpp
+from .settings import MAX_FRACTION, MODES, PCPPSettings, resolve_devices
 
 CATEGORY = "sampling/pcpp"
 # what users type into the node search (front end: name, display_name, search_aliases)

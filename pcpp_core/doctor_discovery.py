@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any

@@ -70,7 +70,6 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first `count` codes as int64."""
-    per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=data.device)
     codes = (data.view(-1, 1) >> shifts) & ((1 << bits) - 1)  # [bytes, per]
     return codes.reshape(-1)[:count].long()

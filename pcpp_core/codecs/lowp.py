@@ -27,7 +27,7 @@ class Int8Codec(Codec):
 
     def decode(self, data: torch.Tensor, shape: tuple[int, ...], channel_dim: int,
                dtype: torch.dtype) -> torch.Tensor:
-        n, gcount = numel(shape), groups(shape, channel_dim)
+        gcount = groups(shape, channel_dim)
         payload, scale = unpack_scales(data, gcount)
         g = payload.view(torch.int8).reshape(gcount, -1).float() * scale.view(-1, 1)
         return from_groups(g, shape, channel_dim, dtype)
