@@ -158,7 +158,7 @@ function describe(m, inputs) {
   lines.push([sees, ""]);
   if (m.mode === "pcpp" && m.perLevel.length > 1) {
     const deeper = m.perLevel.slice(1).map((p) => `L${p.level} ${p.window[0]}–${p.window[1]}`).join(" · ");
-    lines.push([`deeper levels (rows at that level): ${deeper}`, "pcpp-dim"]);
+    lines.push([`${m.preset.levelsLabel}: ${deeper}`, "pcpp-dim"]);
   }
   if (m.kv) {
     const what = m.preset.sent;

@@ -13,7 +13,12 @@ const attn = (level, channels, count) => Array.from({ length: count }, () => ({ 
 const joint = (level, channels, heads, text, count) =>
   Array.from({ length: count }, () => ({ kind: "joint", level, channels, text, heads }));
 
-const UNET_BASIS = Object.freeze({ sent: "K/V", counted: "self-attention K/V", notCounted: "conv borders and GroupNorm stats not counted" });
+const UNET_BASIS = Object.freeze({
+  sent: "K/V",
+  counted: "self-attention K/V",
+  notCounted: "conv borders and GroupNorm stats not counted",
+  levelsLabel: "deeper levels (rows at that level)",
+});
 
 // The layers that exchange, per model family, as the engine counts them (pcpp_core.geometry.bytes_sent):
 // `levels` is the number of stride-2 downsamplings (a DiT's 2x2 patchify is one), which fixes the band
@@ -48,6 +53,7 @@ export const PRESETS = Object.freeze({
     sent: "K/V + text partials",
     counted: "joint attention: image K/V rows and the text partials (256 tokens, to every other band)",
     notCounted: "text K/V is computed on every band, nothing else travels",
+    levelsLabel: "patch rows (L1)",
   }),
 });
 
