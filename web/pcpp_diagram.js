@@ -51,9 +51,9 @@ export const PRESETS = Object.freeze({
     // every block but the last sends to every other band (the last block's text output is unused)
     layers: Object.freeze([...joint(1, 3072, 24, 256, 19 + 37), ...joint(1, 3072, 24, 0, 1)]),
     sent: "K/V + text partials",
-    counted: "joint attention: image K/V rows and the text partials (256 tokens, to every other band)",
-    notCounted: "text K/V is computed on every band, nothing else travels",
-    levelsLabel: "patch rows (L1)",
+    counted: "image K/V + text partials (256 tokens, to every other band)",
+    notCounted: "text K/V stays local, nothing else travels",
+    levelsLabel: "patch rows",
   }),
 });
 

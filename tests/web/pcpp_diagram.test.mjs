@@ -60,7 +60,7 @@ test("flux preset: bands on 2-row steps, text partials counted and said so", () 
   const onlyKv = kvRatio(m.bands, "pcpp", 0, PRESETS.flux.layers.map((s) => ({ ...s, text: 0 })), 2);
   assert.equal(onlyKv.ratio, 0);
   assert.equal(diagramModel({ devices: "cpu:3", mode: "naive", height: 128, width: 128, preset: "flux" }).kv.ratio, 0);
-  assert.match(basisText(PRESETS.flux), /image K\/V rows and the text partials \(256 tokens.*2-row steps \(2×2 patches\)/);
+  assert.match(basisText(PRESETS.flux), /image K\/V \+ text partials \(256 tokens.*2-row steps \(2×2 patches\); text K\/V stays local/);
   assert.match(basisText(PRESETS.sd1), /self-attention K\/V.*8-row steps; conv borders and GroupNorm stats not counted/);
   assert.doesNotMatch(basisText(PRESETS.sd1), /patches/);
 });
