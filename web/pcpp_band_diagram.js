@@ -6,7 +6,7 @@
 
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
-import { DEFAULT_LATENT, diagramModel, formatPercent, PRESETS, statsLines } from "./pcpp_diagram.js";
+import { basisText, DEFAULT_LATENT, diagramModel, formatPercent, PRESETS, statsLines } from "./pcpp_diagram.js";
 
 const NODE_IDS = new Set(["PCPPKSampler", "PCPPParallelModel"]);
 const LIVE = new Set(); // the nodes that have a diagram, so a change elsewhere in the graph redraws them
@@ -158,11 +158,12 @@ function describe(m, inputs) {
   lines.push([sees, ""]);
   if (m.mode === "pcpp" && m.perLevel.length > 1) {
     const deeper = m.perLevel.slice(1).map((p) => `L${p.level} ${p.window[0]}–${p.window[1]}`).join(" · ");
-    lines.push([`deeper levels (rows at that level): ${deeper}`, "pcpp-dim"]);
+    lines.push([`${m.preset.levelsLabel}: ${deeper}`, "pcpp-dim"]);
   }
   if (m.kv) {
-    let kv = m.kv.ratio === null ? "K/V sent per step: none (one band)" :
-      `K/V sent per step after warm-up: ${formatPercent(m.kv.ratio)} of DistriFusion`;
+    const what = m.preset.sent;
+    let kv = m.kv.ratio === null ? `${what} sent per step: none (one band)` :
+      `${what} sent per step after warm-up: ${formatPercent(m.kv.ratio)} of DistriFusion`;
     if (m.run !== null && inputs.steps) kv += ` · ${formatPercent(m.run)} over ${inputs.steps} steps`;
     lines.push([kv, "pcpp-big"]);
   }
@@ -202,9 +203,9 @@ function draw(node, state) {
   const text = el("div", { class: "pcpp-lines" });
   for (const [t, cls] of describe(m, inputs)) text.append(el("div", cls ? { class: cls } : {}, t));
   const basis = el("div", { class: "pcpp-dim" });
-  const preset = el("span", { class: "pcpp-preset", title: "click: switch the model family (SD1.x / SDXL): band unit and attention layers" }, m.preset.label);
-  basis.append("basis: ", preset, ` self-attention K/V, busiest band, bands on ${2 ** m.levels}-row steps; ` +
-    "conv borders and GroupNorm stats not counted");
+  const families = Object.values(PRESETS).map((p) => p.label).join(" / ");
+  const preset = el("span", { class: "pcpp-preset", title: `click: switch the model family (${families}): band unit and exchanging layers` }, m.preset.label);
+  basis.append("basis: ", preset, basisText(m.preset));
   if (m.mode !== "off" && !m.error) text.append(basis);
   const row = el("div", { class: "pcpp-row" });
   row.append(drawPicture(m), text);

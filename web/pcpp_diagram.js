@@ -10,23 +10,59 @@ export const AUTO_GPUS = 2; // "auto" = every GPU of the server; the browser can
 export const DEFAULT_LATENT = Object.freeze({ height: 64, width: 64 }); // 512x512 pixels
 
 const attn = (level, channels, count) => Array.from({ length: count }, () => ({ kind: "attention", level, channels }));
+const joint = (level, channels, heads, text, count) =>
+  Array.from({ length: count }, () => ({ kind: "joint", level, channels, text, heads }));
 
-// Self-attention layers (attn1) of the stock UNets, as pcpp_core.plans.profile_layers lists them:
-// `levels` is the number of stride-2 downsamplings, which fixes the band unit (2**levels rows).
+const UNET_BASIS = Object.freeze({
+  sent: "K/V",
+  counted: "self-attention K/V",
+  notCounted: "conv borders and GroupNorm stats not counted",
+  levelsLabel: "deeper levels (rows at that level)",
+});
+
+// The layers that exchange, per model family, as the engine counts them (pcpp_core.geometry.bytes_sent):
+// `levels` is the number of stride-2 downsamplings (a DiT's 2x2 patchify is one), which fixes the band
+// unit (2**levels latent rows); `elementSize` the bytes of the model's dtype (it matters where float32
+// statistics travel beside activations: a DiT's text partials).
 export const PRESETS = Object.freeze({
   sd1: Object.freeze({
     label: "SD1.x",
     levels: 3,
-    // 2 input + 3 output transformers at levels 0..2 (320/640/1280 channels), 1 in the middle block
-    attention: Object.freeze([...attn(0, 320, 5), ...attn(1, 640, 5), ...attn(2, 1280, 5), ...attn(3, 1280, 1)]),
+    elementSize: 2,
+    // self-attention (attn1) as pcpp_core.plans.profile_layers lists it: 2 input + 3 output transformers
+    // at levels 0..2 (320/640/1280 channels), 1 in the middle block
+    layers: Object.freeze([...attn(0, 320, 5), ...attn(1, 640, 5), ...attn(2, 1280, 5), ...attn(3, 1280, 1)]),
+    ...UNET_BASIS,
   }),
   sdxl: Object.freeze({
     label: "SDXL",
     levels: 2,
+    elementSize: 2,
     // depth 2 at level 1 (4 in, 6 out), depth 10 at level 2 (20 in, 10 middle, 30 out)
-    attention: Object.freeze([...attn(1, 640, 10), ...attn(2, 1280, 60)]),
+    layers: Object.freeze([...attn(1, 640, 10), ...attn(2, 1280, 60)]),
+    ...UNET_BASIS,
+  }),
+  flux: Object.freeze({
+    label: "Flux.1-dev",
+    levels: 1,
+    elementSize: 2, // bf16; the text partials' log-sum-exp travels as float32
+    // pcpp_core.plans_dit.flux_spec_values with bench comm's DIT_GEOMETRY["flux-dev"]: 19 double + 38
+    // single blocks, 3072 wide, 24 heads, at the patch level; 256 T5 tokens whose partial attention
+    // every block but the last sends to every other band (the last block's text output is unused)
+    layers: Object.freeze([...joint(1, 3072, 24, 256, 19 + 37), ...joint(1, 3072, 24, 0, 1)]),
+    sent: "K/V + text partials",
+    counted: "image K/V + text partials (256 tokens, to every other band)",
+    notCounted: "text K/V stays local, nothing else travels",
+    levelsLabel: "patch rows",
   }),
 });
+
+/** The basis line after the preset's label: what the byte share counts and what it leaves out. */
+export function basisText(preset) {
+  const unit = 2 ** preset.levels;
+  const patches = preset.layers.some((s) => s.kind === "joint") ? " (2×2 patches)" : "";
+  return ` ${preset.counted}, busiest band, bands on ${unit}-row steps${patches}; ${preset.notCounted}`;
+}
 
 const DEVICE_RE = /^(cpu|cuda)(?::(\d+))?$/;
 
@@ -70,15 +106,15 @@ export function bandLayout(count, cfgSplit, usesCfg = true) {
 }
 
 /**
- * K/V bytes the busiest band sends per step after warm-up, over those of DistriFusion (whole-image
- * window) on the same bands: bytes_sent over the preset's self-attention layers only.
+ * Bytes the busiest band sends per step after warm-up, over those of DistriFusion (whole-image
+ * window) on the same bands: bytes_sent over the preset's layers (batch 1: a ratio).
  * null when nothing would be sent either way (one band).
  */
-export function kvRatio(bands, mode, fraction, specs) {
+export function kvRatio(bands, mode, fraction, specs, elementSize = 1) {
   const busiest = (fr, exchange) => {
     let most = 0;
     for (let b = 0; b < bands.count; b++) {
-      most = Math.max(most, bytesSent(specs, bands, b, { batch: 1, elementSize: 1, fraction: fr, exchange }));
+      most = Math.max(most, bytesSent(specs, bands, b, { batch: 1, elementSize, fraction: fr, exchange }));
     }
     return most;
   };
@@ -130,7 +166,7 @@ export function diagramModel(input) {
   for (let level = 0; level <= preset.levels; level++) {
     perLevel.push({ level, rows: bands.rows(selected, level), window: bands.window(selected, level, wf) });
   }
-  const kv = kvRatio(bands, mode, fraction, preset.attention);
+  const kv = kvRatio(bands, mode, fraction, preset.layers, preset.elementSize);
   const notes = [];
   if (dev.assumed) notes.push(`"auto" drawn as ${AUTO_GPUS} GPUs (the count is known after a run)`);
   if (groups === 2) notes.push(`cfg_split: cond and uncond each on ${count} bands`);

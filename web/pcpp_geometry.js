@@ -107,7 +107,10 @@ export const STAT_BYTES = 4; // GroupNorm statistics travel as float32
 
 /**
  * Bytes band `band` sends in one call, as pcpp_core.geometry.bytes_sent.
- * specs: [{kind: "conv"|"groupnorm"|"attention", level, channels, kernel=1, stride=1, padding=0}]
+ * specs: [{kind: "conv"|"groupnorm"|"attention"|"joint", level, channels, kernel=1, stride=1, padding=0,
+ *          text=0, heads=0}]; joint (a DiT block): image K/V rows as attention, plus, with text > 0, the
+ * text queries' partial attention [text, channels] in the model's dtype and its log-sum-exp
+ * [heads, text] in float32, to every other band, every call.
  * fraction: attention window in band heights, null = whole image; exchange=false: naive mode.
  */
 export function bytesSent(specs, bands, band, { batch, elementSize, fraction, exchange = true }) {
@@ -116,7 +119,7 @@ export function bytesSent(specs, bands, band, { batch, elementSize, fraction, ex
   const others = [];
   for (let j = 0; j < bands.count; j++) if (j !== band) others.push(j);
   for (const spec of specs) {
-    const { kind, level, channels, kernel = 1, stride = 1, padding = 0 } = spec;
+    const { kind, level, channels, kernel = 1, stride = 1, padding = 0, text = 0, heads = 0 } = spec;
     const cols = bands.levelSize(level)[1];
     if (kind === "conv") {
       const [above, below] = convHalo(kernel, stride, padding);
@@ -124,13 +127,14 @@ export function bytesSent(specs, bands, band, { batch, elementSize, fraction, ex
       total += rows * batch * channels * cols * elementSize;
     } else if (kind === "groupnorm") {
       total += others.length * 2 * batch * channels * STAT_BYTES;
-    } else if (kind === "attention") {
+    } else if (kind === "attention" || kind === "joint") {
       let rows = 0;
       for (const dst of others) {
         const [lo, hi] = bands.needed(dst, band, level, fraction);
         rows += hi - lo;
       }
       total += 2 * rows * batch * channels * cols * elementSize;
+      if (kind === "joint" && text) total += others.length * batch * text * (channels * elementSize + heads * STAT_BYTES);
     } else {
       throw new GeometryError("spec", `unknown layer kind ${JSON.stringify(kind)}`);
     }

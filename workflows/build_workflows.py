@@ -130,6 +130,12 @@ WORKFLOWS = {
     "flux_dev_txt2img_pcpp_ksampler": flux_txt2img(),
 }
 
+# the model family the band diagram estimates bytes for (node property `pcpp_model`, a preset of
+# web/pcpp_diagram.js the user switches by clicking its name; SD1.x when unset), from the graph's model file
+DIAGRAM_MODEL = {SDXL: "sdxl", FLUX_DEV: "flux"}
+PCPP_NODES = {"PCPPKSampler", "PCPPParallelModel"}
+LOADERS = {"CheckpointLoaderSimple", "UNETLoader"}
+
 
 def api_format(graph: dict[int, tuple]) -> dict[str, dict]:
     out = {}
@@ -200,6 +206,12 @@ def layout(graph: dict[int, tuple]) -> dict[int, list[int]]:
     return pos
 
 
+def diagram_model(graph: dict[int, tuple]) -> str | None:
+    """The diagram preset for the model file the graph loads (None: the diagram's default, SD1.x)."""
+    files = [w.get("ckpt_name", w.get("unet_name")) for kind, w, _ in graph.values() if kind in LOADERS]
+    return next((DIAGRAM_MODEL[f] for f in files if f in DIAGRAM_MODEL), None)
+
+
 def ui_format(graph: dict[int, tuple]) -> dict:
     """LiteGraph's workflow JSON, the format the ComfyUI frontend saves and loads by drag-and-drop."""
     links, nodes = [], []
@@ -212,6 +224,7 @@ def ui_format(graph: dict[int, tuple]) -> dict:
             outgoing.setdefault((src, slot), []).append(link_id)
     by_dst = {(l[3], l[4]): l[0] for l in links}
     pos = layout(graph)
+    model = diagram_model(graph)
     for order, (node_id, (kind, widgets, _)) in enumerate(graph.items()):
         linked, widget_names, outputs = NODE_TYPES[kind]
         values = []
@@ -223,7 +236,8 @@ def ui_format(graph: dict[int, tuple]) -> dict:
             "inputs": [{"name": n, "type": t, "link": by_dst.get((node_id, i))} for i, (n, t) in enumerate(linked)],
             "outputs": [{"name": n, "type": t, "links": outgoing.get((node_id, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(outputs)],
-            "properties": {"Node name for S&R": kind},
+            "properties": {"Node name for S&R": kind,
+                           **({"pcpp_model": model} if model and kind in PCPP_NODES else {})},
             "widgets_values": values,
         })
     return {"last_node_id": max(graph), "last_link_id": len(links), "nodes": nodes, "links": links,

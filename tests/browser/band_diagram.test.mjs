@@ -200,6 +200,12 @@ describe("PCPP band diagram in ComfyUI's front end", { skip: reason ?? false }, 
     assert.equal(await diagram.locator(".pcpp-preset").innerText(), "SDXL");
     assert.notEqual(xl.pcppRatio, clicked.pcppRatio);
     assert.equal(await page.evaluate((id) => window.app.graph.getNodeById(id).properties.pcpp_model, ids.node), "sdxl");
+    // then Flux.1-dev: another share (its text partials count), its basis says so; then back to SD1.x
+    await diagram.locator(".pcpp-preset").click();
+    const flux = await data();
+    assert.equal(await diagram.locator(".pcpp-preset").innerText(), "Flux.1-dev");
+    assert.notEqual(flux.pcppRatio, clicked.pcppRatio);
+    assert.match(await diagram.innerText(), /text partials/);
     await diagram.locator(".pcpp-preset").click();
     assert.equal((await data()).pcppRatio, clicked.pcppRatio);
 

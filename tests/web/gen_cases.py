@@ -22,18 +22,30 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pcpp_core.errors import ConfigError  # noqa: E402
+from pcpp_core.bench.comm import DIT_GEOMETRY  # noqa: E402
 from pcpp_core.geometry import Bands, LayerSpec, bytes_sent, split_rows, window_rows  # noqa: E402
+from pcpp_core.plans_dit import flux_spec_values  # noqa: E402
 
 # The neighbour_fraction widget steps by 0.05; the browser may hand over i*0.05 with float noise
 # or the rounded decimal, so both spellings are cases.
 SLIDER = sorted({i * 0.05 for i in range(41)} | {round(i * 0.05, 2) for i in range(41)})
 ODD_FRACTIONS = [0.1, 0.3, 0.7, 1 / 3, 2 / 3, 0.15, 0.45, 0.55, 2.5, 7.0, 64.0]
 
-# Self-attention layers of the presets in web/pcpp_diagram.js (level, channels, count).
-PRESETS = {
+# The exchanging layers of the presets in web/pcpp_diagram.js: the UNets' self-attention as
+# (level, channels, count), Flux.1-dev from bench comm's geometry through plans_dit.flux_spec_values.
+UNET_PRESETS = {
     "sd1": {"levels": 3, "attention": [(0, 320, 5), (1, 640, 5), (2, 1280, 5), (3, 1280, 1)]},
     "sdxl": {"levels": 2, "attention": [(1, 640, 10), (2, 1280, 60)]},
 }
+ELEMENT_SIZE = 2  # the presets' dtype (fp16/bf16): the text partials' float32 log-sum-exp makes it matter
+
+
+def preset_specs() -> dict[str, tuple[int, list[LayerSpec]]]:
+    """name -> (levels, specs) for every preset the diagram offers."""
+    out = {name: (p["levels"], [LayerSpec("attention", lv, ch) for lv, ch, n in p["attention"] for _ in range(n)])
+           for name, p in UNET_PRESETS.items()}
+    out["flux"] = (1, flux_spec_values(**DIT_GEOMETRY["flux-dev"]))
+    return out
 
 
 def _error_kind(message: str) -> str:
@@ -85,7 +97,7 @@ def band_cases() -> list[dict[str, Any]]:
 
 def _spec_json(s: LayerSpec) -> dict[str, Any]:
     return {"kind": s.kind, "level": s.level, "channels": s.channels, "kernel": s.kernel,
-            "stride": s.stride, "padding": s.padding}
+            "stride": s.stride, "padding": s.padding, "text": s.text, "heads": s.heads}
 
 
 def bytes_cases(seed: int = 4) -> list[dict[str, Any]]:
@@ -115,28 +127,57 @@ def bytes_cases(seed: int = 4) -> list[dict[str, Any]]:
                     "fraction": fraction, "exchange": exchange,
                     "sent": [bytes_sent(specs, bands, b, batch=batch, element_size=element, fraction=fraction,
                                         exchange=exchange) for b in range(count)]})
+    return out + joint_cases(seed + 1)
+
+
+def joint_cases(seed: int) -> list[dict[str, Any]]:
+    """DiT blocks (joint specs, text partials or none) among attention layers, at the patch level."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(30):
+        count = rng.randint(1, 6)
+        height = 2 * rng.randint(count, count + 12)
+        width = rng.randint(1, 130)
+        bands = Bands.split(height, width, count, 1)
+        specs = []
+        for _ in range(rng.randint(1, 6)):
+            heads = rng.choice([1, 4, 24])
+            if rng.random() < 0.2:
+                specs.append(LayerSpec("attention", 1, heads * rng.choice([8, 64])))
+            else:
+                specs.append(LayerSpec("joint", 1, heads * rng.choice([8, 128]), text=rng.choice([0, 7, 77, 256]),
+                                       heads=heads))
+        fraction = rng.choice([None, 0.0, 0.3, 0.5, 1.0, rng.random() * 3])
+        batch, element = rng.choice([1, 2]), rng.choice([1, 2, 4])
+        exchange = rng.random() > 0.1
+        out.append({"height": height, "width": width, "count": count, "levels": 1,
+                    "specs": [_spec_json(s) for s in specs], "batch": batch, "element_size": element,
+                    "fraction": fraction, "exchange": exchange,
+                    "sent": [bytes_sent(specs, bands, b, batch=batch, element_size=element, fraction=fraction,
+                                        exchange=exchange) for b in range(count)]})
     return out
 
 
 def preset_cases() -> list[dict[str, Any]]:
-    """bytes_sent over each preset's self-attention layers, as the diagram's K/V ratio uses them."""
+    """bytes_sent over each preset's layers at its dtype, as the diagram's byte share uses them."""
     out = []
-    for name, preset in PRESETS.items():
-        specs = [LayerSpec("attention", lv, ch) for lv, ch, n in preset["attention"] for _ in range(n)]
-        for height, count in [(64, 2), (128, 3), (128, 4), (96, 8), (128, 8)]:
-            bands = Bands.split(height, 64, count, preset["levels"])
+    for name, (levels, specs) in preset_specs().items():
+        for height, width, count in [(64, 64, 2), (128, 64, 3), (128, 64, 4), (96, 64, 8), (128, 64, 8),
+                                     (128, 128, 2), (128, 128, 4), (256, 256, 8)]:
+            bands = Bands.split(height, width, count, levels)
             for fraction in [None, 0.0, 0.3, 0.35000000000000003, 1.0, 2.0]:
-                out.append({"preset": name, "height": height, "width": 64, "count": count, "fraction": fraction,
-                            "sent": [bytes_sent(specs, bands, b, batch=1, element_size=1, fraction=fraction)
-                                     for b in range(count)]})
+                out.append({"preset": name, "height": height, "width": width, "count": count, "fraction": fraction,
+                            "element_size": ELEMENT_SIZE,
+                            "sent": [bytes_sent(specs, bands, b, batch=1, element_size=ELEMENT_SIZE,
+                                                fraction=fraction) for b in range(count)]})
     return out
 
 
 def build() -> dict[str, Any]:
     return {
         "_generated_by": "tests/web/gen_cases.py from pcpp_core/geometry.py; do not edit by hand",
-        "presets": {k: {"levels": v["levels"], "attention": [list(t) for t in v["attention"]]}
-                    for k, v in PRESETS.items()},
+        "presets": {k: {"levels": levels, "element_size": ELEMENT_SIZE, "specs": [_spec_json(s) for s in specs]}
+                    for k, (levels, specs) in preset_specs().items()},
         "window_rows": window_cases(),
         "split_rows": split_cases(),
         "bands": band_cases(),

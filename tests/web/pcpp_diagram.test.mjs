@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  AUTO_GPUS, bandLayout, diagramModel, formatBytes, formatPercent, kvRatio, parseDeviceCount, PRESETS, runRatio,
+  AUTO_GPUS, bandLayout, basisText, diagramModel, formatBytes, formatPercent, kvRatio, parseDeviceCount, PRESETS, runRatio,
   statsLines, windowFraction,
 } from "../../web/pcpp_diagram.js";
 import { Bands } from "../../web/pcpp_geometry.js";
@@ -33,7 +33,7 @@ test("windowFraction and bandLayout follow the engine's modes and cfg_split rule
 
 test("kvRatio: whole-image window is 1, naive 0, pcpp in between and growing with f", () => {
   const bands = Bands.split(128, 128, 4, 3);
-  const specs = PRESETS.sd1.attention;
+  const specs = PRESETS.sd1.layers;
   assert.equal(kvRatio(bands, "distrifusion", 0.3, specs).ratio, 1);
   assert.equal(kvRatio(bands, "naive", 0.3, specs).ratio, 0);
   const small = kvRatio(bands, "pcpp", 0.3, specs).ratio;
@@ -45,6 +45,24 @@ test("kvRatio: whole-image window is 1, naive 0, pcpp in between and growing wit
   const two = Bands.split(64, 64, 2, 3);
   const r = kvRatio(two, "pcpp", 0.3, [{ kind: "attention", level: 0, channels: 1 }]).ratio;
   assert.equal(r, 10 / 32);
+});
+
+test("flux preset: bands on 2-row steps, text partials counted and said so", () => {
+  // Flux dev at 1024x1024: a 128x128 latent, 64x64 patches; 3 bands of whole patch rows
+  const m = diagramModel({ devices: "cpu:3", fraction: 0.3, mode: "pcpp", height: 128, width: 128, preset: "flux" });
+  assert.equal(m.error, null);
+  assert.deepEqual([...m.bands.bounds], [0, 42, 84, 128]); // 21, 21, 22 patch rows
+  assert.equal(m.perLevel.length, 2);
+  assert.deepEqual(m.perLevel[1].window, [0, 28]); // band 0 at the patch level: 21 rows + ceil(0.3*21) = 7 below
+  // the text partials travel in every mode that exchanges, window or not: pcpp f=0 still sends them
+  const zero = diagramModel({ devices: "cpu:3", fraction: 0, mode: "pcpp", height: 128, width: 128, preset: "flux" });
+  assert.ok(zero.kv.ratio > 0 && zero.kv.ratio < m.kv.ratio, `${zero.kv.ratio} < ${m.kv.ratio}`);
+  const onlyKv = kvRatio(m.bands, "pcpp", 0, PRESETS.flux.layers.map((s) => ({ ...s, text: 0 })), 2);
+  assert.equal(onlyKv.ratio, 0);
+  assert.equal(diagramModel({ devices: "cpu:3", mode: "naive", height: 128, width: 128, preset: "flux" }).kv.ratio, 0);
+  assert.match(basisText(PRESETS.flux), /image K\/V \+ text partials \(256 tokens.*2-row steps \(2×2 patches\); text K\/V stays local/);
+  assert.match(basisText(PRESETS.sd1), /self-attention K\/V.*8-row steps; conv borders and GroupNorm stats not counted/);
+  assert.doesNotMatch(basisText(PRESETS.sd1), /patches/);
 });
 
 test("runRatio counts warm-up calls as whole-image exchanges", () => {

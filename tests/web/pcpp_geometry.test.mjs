@@ -53,28 +53,38 @@ test("Bands rows, level sizes, windows and needed rows match per band, level and
   }
 });
 
-test("bytesSent equals bytes_sent for conv, GroupNorm and attention layers", () => {
+test("bytesSent equals bytes_sent for conv, GroupNorm, attention and joint (DiT) layers", () => {
   let nonzero = 0;
+  let text = 0;
   for (const c of cases.bytes_sent) {
     const bands = Bands.split(c.height, c.width, c.count, c.levels);
     const opts = { batch: c.batch, elementSize: c.element_size, fraction: c.fraction, exchange: c.exchange };
     const got = c.sent.map((_, b) => bytesSent(c.specs, bands, b, opts));
     assert.deepEqual(got, c.sent, JSON.stringify({ ...c, sent: undefined }));
     nonzero += c.sent.some((v) => v > 0);
+    text += c.exchange && c.count > 1 && c.specs.some((s) => s.kind === "joint" && s.text > 0);
   }
-  assert.ok(nonzero > 30, "most cases send something");
+  assert.ok(nonzero > 50, "most cases send something");
+  assert.ok(text > 10, "text partials are exercised");
 });
 
-test("the diagram's attention presets are the generator's, and their byte counts match", () => {
+// a spec with the generator's defaults spelled out (the presets leave them implicit)
+const full = ({ kind, level, channels, kernel = 1, stride = 1, padding = 0, text = 0, heads = 0 }) =>
+  ({ kind, level, channels, kernel, stride, padding, text, heads });
+
+test("the diagram's presets are the generator's (Flux from flux_spec_values), and their byte counts match", () => {
+  assert.deepEqual(Object.keys(PRESETS).sort(), Object.keys(cases.presets).sort());
   for (const [name, p] of Object.entries(cases.presets)) {
-    const want = p.attention.flatMap(([level, channels, n]) => Array(n).fill({ kind: "attention", level, channels }));
     assert.equal(PRESETS[name].levels, p.levels, name);
-    assert.deepEqual(PRESETS[name].attention.map((s) => ({ ...s })), want, name);
+    assert.equal(PRESETS[name].elementSize, p.element_size, name);
+    assert.deepEqual(PRESETS[name].layers.map(full), p.specs, name);
   }
+  assert.equal(cases.presets.flux.specs.length, 19 + 38);
   for (const c of cases.preset_bytes) {
     const preset = PRESETS[c.preset];
     const bands = Bands.split(c.height, c.width, c.count, preset.levels);
-    const got = c.sent.map((_, b) => bytesSent(preset.attention, bands, b, { batch: 1, elementSize: 1, fraction: c.fraction }));
-    assert.deepEqual(got, c.sent, `${c.preset} ${c.height}/${c.count} f=${c.fraction}`);
+    const opts = { batch: 1, elementSize: preset.elementSize, fraction: c.fraction };
+    const got = c.sent.map((_, b) => bytesSent(preset.layers, bands, b, opts));
+    assert.deepEqual(got, c.sent, `${c.preset} ${c.height}x${c.width}/${c.count} f=${c.fraction}`);
   }
 });
