@@ -63,11 +63,15 @@ def test_quality_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = run_json(capsys, ["quality", "--json", "--sizes", "64", "--bands", "2", "--steps", "3", "--warmup", "1",
                              "--modes", "sync,pcpp", "--fractions", "0.3", "--ids", "0",
                              "--images", str(tmp_path), "--compress", "residual-1bit", "--far-refresh", ""])
-    assert [(r["mode"], r["compress"]) for r in rows] == [("sync", "none"), ("pcpp", "none"), ("pcpp", "residual-1bit")]
-    by = {r["mode"]: r for r in rows if r["compress"] == "none"}
+    models = ["pcpp-tiny-unet", "pcpp-tiny-dit"]  # the default --models: both built-in models
+    assert [(r["model"], r["mode"], r["compress"]) for r in rows] == [
+        (m, mode, codec) for m in models for mode, codec in (("sync", "none"), ("pcpp", "none"), ("pcpp", "residual-1bit"))]
     for r in rows:
         assert COMMON | {"psnr_db", "max_abs"} <= r.keys()
-    assert by["sync"]["max_abs"] < 1e-3 and by["sync"]["psnr_db"] > 60  # exact up to round-off
-    assert by["pcpp"]["max_abs"] > by["sync"]["max_abs"]  # step 2 used stale neighbour rows (steps 0 and 1
-    # are exact: step 0's slots are never read stale, step 1 opens the next slot)
-    assert (tmp_path / "quality_64px_2bands.png").read_bytes()[:4] == b"\x89PNG"
+    for m in models:
+        by = {r["mode"]: r for r in rows if r["compress"] == "none" and r["model"] == m}
+        assert by["sync"]["max_abs"] < 1e-3 and by["sync"]["psnr_db"] > 60  # exact up to round-off
+        assert by["pcpp"]["max_abs"] > by["sync"]["max_abs"]  # step 2 used stale neighbour rows (steps 0 and 1
+        # are exact: step 0's slots are never read stale, step 1 opens the next slot)
+    for name in ("quality_64px_2bands.png", "quality_dit_64px_2bands.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
